@@ -1,0 +1,3 @@
+"""Model families. Importing this package registers every model."""
+from pipeline.models.registry import (create_model, get_spec, is_valid_model_name,  # noqa: F401
+                                      list_models, list_prefixes, register_model)

@@ -1,0 +1,140 @@
+"""Model registry: every architecture is one decorated builder function.
+
+Why a registry: entry points declare `--model` as an enum over `list_models()`,
+tests are parametrized over it, and `create_model` gives one consistent call for
+every family (CIFAR ResNets, ImageNet ResNets, BiT, Keras Applications, hub).
+
+Builder contract (keras-applications style, keyword-only):
+    builder(*, num_classes, input_shape, weights=None, normalization=None, **options)
+      -> keras.Model taking float32 RGB images in [0, 1] and returning float32 logits.
+`normalization` is a `(mean, std)` pair of per-channel tuples for models that
+learn from scratch; pretrained models ignore it and apply their own.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+from typing import Callable
+
+_REGISTRY: dict[str, "ModelSpec"] = {}
+_PREFIXES: dict[str, "ModelSpec"] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What the pipeline knows about a registered model.
+
+    Attributes:
+      name: registry name (`resnet20`, `bit_m_r50x1`, or a prefix like `hub:`).
+      builder: the builder function.
+      family: grouping for docs and defaults (`cifar_resnet`, `resnet`, `bit`, ...).
+      default_image_size: resolution the model is meant for when data does not say.
+      pretrained: whether `weights` makes sense for it (fine-tuning backbones).
+      is_prefix: the name is a prefix taking an argument (`hub:<handle>`).
+    """
+
+    name: str
+    builder: Callable
+    family: str
+    default_image_size: int
+    pretrained: bool = False
+    is_prefix: bool = False
+
+    def options(self) -> set[str]:
+        """Keyword options the builder accepts beyond the common contract."""
+        params = inspect.signature(self.builder).parameters
+        common = {"num_classes", "input_shape", "weights", "normalization", "argument"}
+        return {n for n, p in params.items() if p.kind == p.KEYWORD_ONLY and n not in common}
+
+
+def register_model(name: str | None = None, *, family: str, default_image_size: int = 32,
+                   pretrained: bool = False, prefix: bool = False):
+    """Decorator registering a builder under `name` (defaults to its function name).
+
+    With `prefix=True`, `name` ends with ':' and the model is selected by names
+    like `hub:<handle>`; the builder then receives `argument=<handle>`.
+    """
+
+    def decorate(fn):
+        key = name or fn.__name__
+        spec = ModelSpec(key, fn, family, default_image_size, pretrained, prefix)
+        table = _PREFIXES if prefix else _REGISTRY
+        if key in table:
+            raise ValueError(f"model {key!r} is registered twice")
+        table[key] = spec
+        return fn
+
+    return decorate
+
+
+def _ensure_loaded():
+    # Importing the package registers every family (import side effect by design).
+    import pipeline.models  # noqa: F401
+
+
+def list_models(family: str | None = None) -> list[str]:
+    """Sorted names of registered (non-prefix) models, optionally of one family."""
+    _ensure_loaded()
+    return sorted(n for n, s in _REGISTRY.items() if family is None or s.family == family)
+
+
+def list_prefixes() -> list[str]:
+    _ensure_loaded()
+    return sorted(_PREFIXES)
+
+
+def is_valid_model_name(name: str) -> bool:
+    """True for registered names and `prefix:argument` forms (used by flag validators)."""
+    _ensure_loaded()
+    return name in _REGISTRY or any(name.startswith(p) and len(name) > len(p) for p in _PREFIXES)
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The spec for `name`; an unknown name raises ValueError listing close names."""
+    _ensure_loaded()
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    for prefix, spec in _PREFIXES.items():
+        if name.startswith(prefix) and len(name) > len(prefix):
+            return spec
+    close = difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise ValueError(
+        f"Unknown model {name!r}.{hint} Known models: {', '.join(sorted(_REGISTRY))}; "
+        f"prefixes: {', '.join(p + '<arg>' for p in sorted(_PREFIXES))}.")
+
+
+def create_model(name: str, *, num_classes: int, image_size: int | None = None,
+                 weights: str | None = None, normalization=None, **options):
+    """Build the registered model `name`.
+
+    Args:
+      name: a registered model name or a `prefix:argument` form.
+      num_classes: size of the classification head.
+      image_size: square input resolution; defaults to the model's own.
+      weights: None (random init), or what the family loads (a TF-Hub handle,
+        a SavedModel directory, an `.npz`/`.h5` file, `imagenet`).
+      normalization: `(mean, std)` per-channel tuples for from-scratch models.
+      **options: family options (`shortcut`, `stem`, `pooling`, `width_multiplier`,
+        ...). Options given as None are dropped, so callers can pass unset flags.
+
+    Returns:
+      A keras.Model from float32 [0, 1] RGB images to float32 logits.
+
+    Raises:
+      ValueError: unknown model name, or an option the model does not take.
+    """
+    spec = get_spec(name)
+    options = {k: v for k, v in options.items() if v is not None}
+    unknown = set(options) - spec.options()
+    if unknown:
+        raise ValueError(
+            f"Model {name!r} does not take option(s) {', '.join(sorted(unknown))}; "
+            f"it takes: {', '.join(sorted(spec.options())) or 'none'}.")
+    size = image_size or spec.default_image_size
+    kwargs = dict(num_classes=num_classes, input_shape=(size, size, 3), weights=weights,
+                  normalization=normalization, **options)
+    if spec.is_prefix:
+        kwargs["argument"] = name[len(spec.name):]
+    return spec.builder(**kwargs)
