@@ -39,3 +39,111 @@ class DataConfig:
     cache: bool = True
     shuffle_buffer: int = 10_000
     drop_remainder: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Which network to build. Options left None take the model's own default."""
+
+    name: str = "resnet20"
+    weights: Optional[str] = None
+    shortcut: Optional[str] = None
+    stem: Optional[str] = None
+    pooling: Optional[str] = None
+    width_multiplier: Optional[float] = None
+    init_from: Optional[str] = None
+
+    def options(self) -> dict:
+        """Family options for `create_model` (None values are dropped there)."""
+        return {"shortcut": self.shortcut, "stem": self.stem, "pooling": self.pooling,
+                "width_multiplier": self.width_multiplier}
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """One optimizer phase: name, learning rate and its hyperparameters."""
+
+    name: str = "sgd"
+    learning_rate: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How to train.
+
+    schedule: a name from `pipeline.schedules.SCHEDULES`.
+    lr_boundaries: epochs at which `step` multiplies the learning rate by lr_decay.
+    switch_optimizer_epoch: if > 0, `second_optimizer` takes over from this epoch
+      (0-based count of finished epochs), continuing the global schedule.
+    freeze_epochs: fine-tuning: epochs training the head on a frozen backbone.
+    steps_per_epoch: None means one pass over the training split.
+    total_steps: overrides epochs with a step budget (BiT-HyperRule); epochs are
+      then ceil(total_steps / steps_per_epoch).
+    """
+
+    epochs: int = 30
+    optimizer: OptimizerConfig = OptimizerConfig()
+    second_optimizer: Optional[OptimizerConfig] = None
+    switch_optimizer_epoch: int = 0
+    schedule: str = "step"
+    lr_boundaries: tuple = ()
+    lr_decay: float = 0.1
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    mixup_alpha: float = 0.0
+    precision: str = "auto"
+    strategy: str = "auto"
+    seed: int = 0
+    deterministic: bool = False
+    steps_per_epoch: Optional[int] = None
+    total_steps: Optional[int] = None
+    freeze_epochs: int = 0
+    backbone_lr_multiplier: float = 1.0
+    tensorboard: bool = True
+    verbose: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything one run needs; `model_dir` is the run directory."""
+
+    model_dir: str
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    resume: bool = False
+    flags_text: str = ""
+
+
+def to_dict(run: RunConfig) -> dict:
+    """JSON-ready dict of a RunConfig (written to `<run>/config.json`)."""
+    out = dataclasses.asdict(run)
+    out.pop("flags_text", None)
+    return out
+
+
+def from_dict(d: dict) -> RunConfig:
+    """Inverse of `to_dict`; unknown keys are ignored so old runs still load."""
+
+    def build(cls, values):
+        if values is None:
+            return None
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for k, v in values.items():
+            if k not in fields:
+                continue
+            if k in ("optimizer", "second_optimizer"):
+                v = build(OptimizerConfig, v)
+            elif isinstance(v, list):
+                v = tuple(v)
+            kwargs[k] = v
+        return cls(**kwargs)
+
+    return RunConfig(model_dir=d["model_dir"], data=build(DataConfig, d.get("data", {})),
+                     model=build(ModelConfig, d.get("model", {})),
+                     train=build(TrainConfig, d.get("train", {})),
+                     resume=bool(d.get("resume", False)))

@@ -1,0 +1,125 @@
+"""Keras callbacks that make a run directory trustworthy.
+
+Order matters and is fixed by `training.standard_callbacks`: EpochStats adds
+`lr`, `epoch_seconds` and `images_per_second` to the epoch logs first, then
+RunCheckpoint saves the weights, appends the metrics row and only then commits
+`state.json`. A crash at any point therefore resumes from the last epoch whose
+checkpoint *and* metrics row both exist, and `MetricsLog.truncate` drops any
+row written after it: every epoch appears in metrics.csv exactly once.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+
+import keras
+
+from pipeline import rundir
+
+
+class EpochStats(keras.callbacks.Callback):
+    """Adds lr, epoch_seconds and images_per_second (training part only) to epoch logs."""
+
+    def __init__(self, images_per_epoch: int):
+        super().__init__()
+        self.images_per_epoch = images_per_epoch
+        self._start = self._train_end = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start, self._train_end = time.perf_counter(), None
+
+    def on_test_begin(self, logs=None):
+        if self._start is not None and self._train_end is None:
+            self._train_end = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        now = time.perf_counter()
+        train_seconds = (self._train_end or now) - self._start
+        logs["lr"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        logs["epoch_seconds"] = now - self._start
+        logs["images_per_second"] = self.images_per_epoch / max(train_seconds, 1e-9)
+
+
+class MetricsLog:
+    """Append-only metrics.csv with a fixed header, truncatable on resume."""
+
+    def __init__(self, filename: str, columns=rundir.METRIC_COLUMNS):
+        self.filename, self.columns = filename, tuple(columns)
+
+    def truncate(self, epochs_done: int) -> None:
+        """Keep only rows of epochs <= epochs_done (the resumed checkpoint)."""
+        if not os.path.exists(self.filename):
+            return
+        with open(self.filename, newline="", encoding="utf-8") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("epoch") and int(float(r["epoch"])) <= epochs_done]
+        text = [",".join(self.columns)]
+        text += [",".join(r.get(c, "") or "" for c in self.columns) for r in rows]
+        rundir.write_text_atomic(self.filename, "\n".join(text) + "\n")
+
+    def append(self, row: dict) -> None:
+        new = not os.path.exists(self.filename)
+        with open(self.filename, "a", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(self.columns)
+            writer.writerow(["" if row.get(c) is None else _fmt(row[c]) for c in self.columns])
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _fmt(value):
+    return str(value) if isinstance(value, int) else f"{float(value):.6g}"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the best checkpoint is kept."""
+
+
+class RunCheckpoint(keras.callbacks.Callback):
+    """Saves last and best checkpoints, writes metrics rows, commits state.json.
+
+    The best checkpoint is chosen by `monitor` (max mode); a tie goes to the
+    later epoch (`>=`), which has trained longer. A non-finite loss stops
+    training *before* anything is saved, so no NaN weights overwrite `last`.
+
+    Args:
+      model_dir: the run directory.
+      monitor: metric deciding the best checkpoint (`val_accuracy`, or
+        `accuracy` for runs without a validation split).
+      state: the state dict loaded on resume (epochs_done, best_value, best_epoch).
+      epoch_offset: epochs finished before this `fit` call's numbering starts.
+    """
+
+    def __init__(self, model_dir: str, *, monitor: str = "val_accuracy", state: dict | None = None):
+        super().__init__()
+        self.model_dir = model_dir
+        self.monitor = monitor
+        self.state = dict(state or {"epochs_done": 0, "best_value": None, "best_epoch": None})
+        self.metrics = MetricsLog(rundir.path(model_dir, rundir.METRICS_FILE))
+        self.diverged_at = None
+        ckpt = rundir.path(model_dir, rundir.CHECKPOINT_DIR)
+        self.last_path = os.path.join(ckpt, rundir.LAST_CHECKPOINT)
+        self.best_path = os.path.join(ckpt, rundir.BEST_CHECKPOINT)
+        self.state_path = os.path.join(ckpt, rundir.STATE_FILE)
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = dict(logs or {})
+        loss = logs.get("loss")
+        if loss is None or not math.isfinite(float(loss)):
+            self.diverged_at = epoch + 1
+            self.model.stop_training = True
+            return
+        number = epoch + 1
+        value = logs.get(self.monitor)
+        rundir.save_model_atomic(self.model, self.last_path)
+        best = self.state.get("best_value")
+        if value is not None and (best is None or float(value) >= best):
+            rundir.save_model_atomic(self.model, self.best_path)
+            self.state.update(best_value=float(value), best_epoch=number)
+        self.metrics.append({"epoch": number, **logs})
+        self.state["epochs_done"] = number
+        rundir.write_json_atomic(self.state_path, self.state)

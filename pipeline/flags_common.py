@@ -1,0 +1,175 @@
+"""Flag definitions shared by the entry points, and their translation into configs.
+
+Entry points call the `define_*_flags()` they need at import time, then
+`run_config_from_flags(FLAGS)` inside `main`. Nothing outside the entry points
+and this module reads FLAGS.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+from absl import flags
+
+from pipeline import config as cfg
+from pipeline import precision, rundir, schedules
+
+_EXCLUDED_FROM_FLAGFILE = {"model_dir", "resume"}
+
+
+def _model_names():
+    from pipeline.models import list_models, list_prefixes
+    return list_models(), list_prefixes()
+
+
+def define_data_flags():
+    from pipeline.augment import AUGMENTATIONS
+    flags.DEFINE_string("dataset", "digits",
+                        "`digits` (embedded, offline), a TFDS name (`cifar10`, `tf_flowers`, "
+                        "`tfds:<name>`), or `folder:<path>` (one subfolder per class).")
+    flags.DEFINE_string("data_dir", None, "TFDS data directory (prepared datasets live here).")
+    flags.DEFINE_string("train_split", None, "TFDS split for training, with slicing (`train[:90%]`).")
+    flags.DEFINE_string("val_split", None, "TFDS split for validation.")
+    flags.DEFINE_string("test_split", None, "TFDS split for the final test.")
+    flags.DEFINE_float("val_fraction", 0.1, "Image folders without val/: seeded stratified fraction.")
+    flags.DEFINE_float("test_fraction", 0.1, "Image folders without test/: seeded stratified fraction.")
+    flags.DEFINE_integer("image_size", None, "Square model resolution (default: the data's own).")
+    flags.DEFINE_integer("resize_size", None, "`bit` augmentation: resize to this, then crop --image_size.")
+    flags.DEFINE_enum("augment", "cifar", sorted(AUGMENTATIONS), "Training augmentation.")
+    flags.DEFINE_integer("batch_size", 128, "Global batch size (split over replicas by tf.distribute).",
+                         lower_bound=1)
+    flags.DEFINE_bool("strict_images", False, "Fail on corrupt or unreadable images instead of skipping them.")
+    flags.DEFINE_bool("cache", True, "Cache decoded images in memory when they fit.")
+
+
+def define_model_flags(default_model: str = "resnet20"):
+    names, prefixes = _model_names()
+    flags.DEFINE_string("model", default_model,
+                        f"Model: one of {', '.join(names)}; or {', '.join(p + '<handle>' for p in prefixes)}.")
+    flags.register_validator("model", _valid_model,
+                             message="unknown --model; see --helpfull for the list of models")
+    flags.DEFINE_string("weights", None, "Pretrained weights: a TF-Hub handle, a SavedModel directory, "
+                        "an .npz/.h5/.weights.h5 file, or `imagenet` (Keras Applications).")
+    flags.DEFINE_enum("shortcut", None, ["A", "B"], "CIFAR ResNets: A zero-pad (paper default) or B projection.")
+    flags.DEFINE_enum("stem", None, ["auto", "cifar", "imagenet"], "ResNet-18..152 stem.")
+    flags.DEFINE_enum("pooling", None, ["avg", "max"], "Global pooling before the head.")
+    flags.DEFINE_float("width_multiplier", None, "Scale every layer's filters.")
+    flags.DEFINE_string("init_from", None, "Initialize from one of our runs or exports (all but the head).")
+
+
+def _valid_model(name):
+    from pipeline.models import is_valid_model_name
+    return is_valid_model_name(name)
+
+
+def define_train_flags(**defaults):
+    from pipeline.training import OPTIMIZERS
+    d = {"epochs": 30, "optimizer": "sgd", "learning_rate": 0.1, "schedule": "step",
+         "lr_boundaries": [], **defaults}
+    flags.DEFINE_integer("epochs", d["epochs"], "Epochs to train (ignored when a step budget is set).",
+                         lower_bound=1)
+    flags.DEFINE_enum("optimizer", d["optimizer"], sorted(OPTIMIZERS), "Optimizer.")
+    flags.DEFINE_float("learning_rate", d["learning_rate"], "Peak learning rate (after warm-up).")
+    flags.DEFINE_float("momentum", 0.9, "Momentum for sgd and rmsprop.")
+    flags.DEFINE_bool("nesterov", False, "Nesterov momentum for sgd.")
+    flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay (0 = none).")
+    flags.DEFINE_enum("schedule", d["schedule"], list(schedules.SCHEDULES), "Learning-rate schedule.")
+    flags.DEFINE_list("lr_boundaries", d["lr_boundaries"], "`step` schedule: epochs where lr *= --lr_decay.")
+    flags.DEFINE_float("lr_decay", 0.1, "`step`: factor at each boundary; `exponential`: factor per epoch.")
+    flags.DEFINE_float("warmup_epochs", 0.0, "Linear warm-up length in epochs (fractions allowed).")
+    flags.DEFINE_integer("switch_optimizer_epoch", 0, "Switch to --second_optimizer after this many epochs.")
+    flags.DEFINE_enum("second_optimizer", None, sorted(OPTIMIZERS), "Optimizer after the switch.")
+    flags.DEFINE_float("second_learning_rate", None, "Learning rate after the switch (default: --learning_rate).")
+    flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing of the cross-entropy.")
+    flags.DEFINE_float("mixup_alpha", 0.0, "MixUp alpha (0 = off).")
+    flags.DEFINE_enum("precision", "auto", list(precision.POLICIES),
+                      "auto: mixed_float16 on GPUs >= 7.0, mixed_bfloat16 on CPUs with AVX512-BF16/AMX, "
+                      "else float32.")
+    flags.DEFINE_enum("strategy", "auto", ["auto", "default", "mirrored"],
+                      "tf.distribute strategy; auto = mirrored over several GPUs.")
+    flags.DEFINE_integer("seed", 0, "Seed for initialization, shuffling and augmentation.")
+    flags.DEFINE_bool("deterministic", False, "Turn on TensorFlow op determinism (slower).")
+    flags.DEFINE_integer("steps_per_epoch", None, "Steps per epoch (default: one pass over the training data).")
+    flags.DEFINE_integer("total_steps", None, "Step budget; overrides --epochs.")
+    flags.DEFINE_bool("tensorboard", True, "Write TensorBoard scalars to <run>/tensorboard.")
+    flags.DEFINE_integer("verbose", None, "Keras verbosity (default: progress bar on a TTY, a line per epoch otherwise).")
+
+
+def define_run_flags():
+    flags.DEFINE_string("model_dir", None, "Run directory (default runs/<model>-<dataset>-<time>).")
+    flags.DEFINE_bool("resume", False, "Continue the run in --model_dir from its last finished epoch.")
+
+
+def flags_text(fv, verb: str) -> str:
+    """The resolved flags of this module as a flagfile (what repeats the run)."""
+    lines = [f"# Resolved flags of a run. Repeat it with:",
+             f"#   python -m pipeline.{verb} --flagfile=<this file>"]
+    for flag in fv.get_flags_for_module(__name__):
+        if flag.name in _EXCLUDED_FROM_FLAGFILE or flag.value is None:
+            continue
+        lines.append(flag.serialize())
+    return "\n".join(lines) + "\n"
+
+
+def reparse_with_run_flagfile(fv):
+    """For --resume: re-read the run's flags.cfg, then the command line on top of it."""
+    flagfile = rundir.path(fv.model_dir, rundir.FLAGS_FILE)
+    if not os.path.exists(flagfile):
+        raise rundir.RunDirError(f"Cannot resume {fv.model_dir!r}: {flagfile} is missing.")
+    fv.unparse_flags()
+    fv([sys.argv[0], f"--flagfile={flagfile}", *sys.argv[1:]])
+
+
+def _opt(name, lr, fv):
+    return cfg.OptimizerConfig(name=name, learning_rate=lr, momentum=fv.momentum,
+                               nesterov=fv.nesterov, weight_decay=fv.weight_decay)
+
+
+def run_config_from_flags(fv, verb: str, **train_extra) -> cfg.RunConfig:
+    """Build the frozen RunConfig from parsed flags."""
+    model_dir = fv.model_dir or rundir.default_model_dir(fv.model, fv.dataset)
+    data = cfg.DataConfig(
+        dataset=fv.dataset, data_dir=fv.data_dir, train_split=fv.train_split, val_split=fv.val_split,
+        test_split=fv.test_split, val_fraction=fv.val_fraction, test_fraction=fv.test_fraction,
+        image_size=fv.image_size, resize_size=fv.resize_size, augment=fv.augment,
+        batch_size=fv.batch_size, seed=fv.seed, strict_images=fv.strict_images, cache=fv.cache)
+    model = cfg.ModelConfig(name=fv.model, weights=fv.weights, shortcut=fv.shortcut, stem=fv.stem,
+                            pooling=fv.pooling, width_multiplier=fv.width_multiplier,
+                            init_from=fv.init_from)
+    second = None
+    if fv.second_optimizer:
+        second = _opt(fv.second_optimizer, fv.second_learning_rate or fv.learning_rate, fv)
+    try:
+        boundaries = tuple(float(b) for b in fv.lr_boundaries)
+    except ValueError:
+        raise ValueError(f"--lr_boundaries must be numbers of epochs, got {fv.lr_boundaries}.") from None
+    train = cfg.TrainConfig(
+        epochs=fv.epochs, optimizer=_opt(fv.optimizer, fv.learning_rate, fv), second_optimizer=second,
+        switch_optimizer_epoch=fv.switch_optimizer_epoch, schedule=fv.schedule,
+        lr_boundaries=boundaries, lr_decay=fv.lr_decay, warmup_epochs=fv.warmup_epochs,
+        label_smoothing=fv.label_smoothing, mixup_alpha=fv.mixup_alpha, precision=fv.precision,
+        strategy=fv.strategy, seed=fv.seed, deterministic=fv.deterministic,
+        steps_per_epoch=fv.steps_per_epoch, total_steps=fv.total_steps, tensorboard=fv.tensorboard,
+        verbose=fv.verbose, **train_extra)
+    if fv.switch_optimizer_epoch and not fv.second_optimizer:
+        raise ValueError("--switch_optimizer_epoch needs --second_optimizer.")
+    if fv.second_optimizer and not fv.switch_optimizer_epoch:
+        raise ValueError("--second_optimizer needs --switch_optimizer_epoch > 0.")
+    return cfg.RunConfig(model_dir=model_dir, data=data, model=model, train=train,
+                         resume=fv.resume, flags_text=flags_text(fv, verb))
+
+
+def run_cli(fn, *args):
+    """Call `fn(*args)`; turn the pipeline's expected errors into one line and exit 1.
+
+    Set PIPELINE_DEBUG=1 to see the full traceback instead.
+    """
+    from pipeline.training import TrainingDiverged
+    try:
+        return fn(*args)
+    except (ValueError, FileNotFoundError, TrainingDiverged) as e:
+        if os.environ.get("PIPELINE_DEBUG"):
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)

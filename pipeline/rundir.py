@@ -1,0 +1,137 @@
+"""The run directory: one run, one folder, everything needed to read, resume or repeat it.
+
+Layout (names are the contract other commands rely on):
+    flags.cfg       resolved flags; `--flagfile=<run>/flags.cfg` repeats the run
+    config.json     the same settings as JSON, for library code (no absl needed)
+    labels.txt      class names, one per line, in label order
+    metrics.csv     one row per finished epoch (see METRIC_COLUMNS)
+    summary.json    status, best epoch, test metrics, precision, device, timing
+    tensorboard/    TensorBoard event files
+    checkpoints/    best.keras, last.keras (model + optimizer), state.json
+
+Every file is written atomically (temp file, then rename) so a crash never
+leaves a half-written checkpoint or summary behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import re
+import tempfile
+
+METRIC_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr",
+                  "epoch_seconds", "images_per_second")
+FLAGS_FILE = "flags.cfg"
+CONFIG_FILE = "config.json"
+LABELS_FILE = "labels.txt"
+METRICS_FILE = "metrics.csv"
+SUMMARY_FILE = "summary.json"
+TENSORBOARD_DIR = "tensorboard"
+CHECKPOINT_DIR = "checkpoints"
+BEST_CHECKPOINT = "best.keras"
+LAST_CHECKPOINT = "last.keras"
+STATE_FILE = "state.json"
+
+
+class RunDirError(ValueError):
+    """A run directory is missing, incomplete, or would be overwritten."""
+
+
+def default_model_dir(model: str, dataset: str, now: datetime.datetime | None = None,
+                      root: str = "runs") -> str:
+    """`runs/<model>-<dataset>-<YYYYmmdd-HHMMSS>` with path-unsafe characters replaced."""
+    now = now or datetime.datetime.now()
+    if dataset.startswith("folder:"):
+        dataset = "folder-" + os.path.basename(os.path.normpath(dataset[len("folder:"):]))
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{model}-{dataset}").strip("_")
+    return os.path.join(root, f"{slug}-{now:%Y%m%d-%H%M%S}")
+
+
+def path(model_dir: str, *parts: str) -> str:
+    return os.path.join(model_dir, *parts)
+
+
+def write_text_atomic(filename: str, text: str) -> None:
+    """Write `text` so readers see the old file or the new one, never a mix."""
+    directory = os.path.dirname(filename) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, filename)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def write_json_atomic(filename: str, data: dict) -> None:
+    write_text_atomic(filename, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(filename: str, default=None):
+    try:
+        with open(filename, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return default
+
+
+def save_model_atomic(model, filename: str) -> None:
+    """`model.save` into a temp file beside `filename`, then rename over it."""
+    directory = os.path.dirname(filename)
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".tmp-{os.getpid()}-{os.path.basename(filename)}")
+    try:
+        model.save(tmp)
+        os.replace(tmp, filename)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def prepare(model_dir: str, *, resume: bool) -> None:
+    """Create a new run directory, or check that a resumable one exists.
+
+    Raises:
+      RunDirError: a new run would reuse a non-empty directory, or `resume`
+        names a directory without a finished epoch.
+    """
+    state = path(model_dir, CHECKPOINT_DIR, STATE_FILE)
+    if resume:
+        if not os.path.exists(state):
+            raise RunDirError(
+                f"Cannot resume {model_dir!r}: it has no finished epoch ({state} is missing); "
+                "start it again without --resume.")
+        return
+    if os.path.isdir(model_dir) and os.listdir(model_dir):
+        raise RunDirError(
+            f"Run directory {model_dir!r} already holds a run; pass --resume to continue it "
+            "or choose another --model_dir.")
+    os.makedirs(path(model_dir, CHECKPOINT_DIR), exist_ok=True)
+
+
+def read_metrics(model_dir: str) -> list[dict]:
+    """Rows of metrics.csv as dicts of floats (epoch as int); [] if absent."""
+    import csv
+
+    rows = []
+    try:
+        with open(path(model_dir, METRICS_FILE), newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                rows.append({k: (int(float(v)) if k == "epoch" else float(v)) if v not in ("", None)
+                             else None for k, v in row.items()})
+    except FileNotFoundError:
+        pass
+    return rows
+
+
+def read_labels(model_dir: str) -> list[str]:
+    with open(path(model_dir, LABELS_FILE), encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f if line.strip()]

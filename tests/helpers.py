@@ -1,0 +1,24 @@
+"""Shared helpers for tests that run the entry points as a user would."""
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Tiny settings that keep an end-to-end run to seconds on 2 cores.
+FAST = ["--dataset=digits", "--model=resnet20", "--batch_size=64", "--augment=none", "--verbose=2"]
+
+
+def run_cli(verb, *args, timeout=600, check=True, env=None):
+    """Run `python -m pipeline.<verb> args...` in a subprocess; returns CompletedProcess."""
+    proc = subprocess.run([sys.executable, "-m", f"pipeline.{verb}", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pipeline.{verb} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-5000:]}")
+    return proc
+
+
+def last_line(text):
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
