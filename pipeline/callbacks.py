@@ -20,7 +20,11 @@ from pipeline import rundir
 
 
 class EpochStats(keras.callbacks.Callback):
-    """Adds lr, epoch_seconds and images_per_second (training part only) to epoch logs."""
+    """Adds lr, epoch_seconds and images_per_second (training part only) to epoch logs.
+
+    `lr` is the learning rate of the epoch's first step (what Keras's own
+    LearningRateScheduler reports), so a /10 boundary shows in the epoch it starts.
+    """
 
     def __init__(self, images_per_epoch: int):
         super().__init__()
@@ -29,6 +33,7 @@ class EpochStats(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._start, self._train_end = time.perf_counter(), None
+        self._lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
     def on_test_begin(self, logs=None):
         if self._start is not None and self._train_end is None:
@@ -39,7 +44,7 @@ class EpochStats(keras.callbacks.Callback):
             return
         now = time.perf_counter()
         train_seconds = (self._train_end or now) - self._start
-        logs["lr"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        logs["lr"] = self._lr
         logs["epoch_seconds"] = now - self._start
         logs["images_per_second"] = self.images_per_epoch / max(train_seconds, 1e-9)
 

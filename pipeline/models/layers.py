@@ -1,0 +1,143 @@
+"""Small Keras layers shared by the model families.
+
+Every layer here is registered as serializable under the "pipeline" package and
+implements `get_config`, so models using them round-trip through `.keras`
+files, `.weights.h5` files and SavedModel export without `custom_objects`.
+They use `keras.ops` only (no `tf.*`) so the models run on any Keras backend.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Sequence
+
+import keras
+from keras import ops
+
+# Used when the caller gives no dataset statistics. Inputs are float32 RGB in
+# [0, 1]; (x - 0.5) / 0.25 maps them to [-2, 2], centred on zero with roughly
+# unit spread, which is what the He-normal initialisation of the first conv
+# assumes. Real per-dataset statistics are better and are passed in by callers.
+DEFAULT_MEAN = (0.5, 0.5, 0.5)
+DEFAULT_STD = (0.25, 0.25, 0.25)
+
+
+def _as_float_tuple(value: float | Sequence[float], what: str) -> tuple[float, ...]:
+    """`value` as a tuple of Python floats (a scalar becomes a 1-tuple)."""
+    if isinstance(value, numbers.Real):
+        return (float(value),)
+    try:
+        values = tuple(float(v) for v in value)
+    except TypeError as err:
+        raise ValueError(f"Normalize {what} must be a float or a sequence of floats, "
+                         f"got {value!r}.") from err
+    if not values:
+        raise ValueError(f"Normalize {what} must not be empty.")
+    return values
+
+
+@keras.saving.register_keras_serializable(package="pipeline")
+class Normalize(keras.layers.Layer):
+    """Per-channel `(x - mean) / std`, the first layer of from-scratch models.
+
+    Why a layer: the project's contract is that a model takes float32 RGB in
+    [0, 1] and owns its normalization, so an exported model needs no outside
+    preprocessing. The statistics live in the layer config (not in weights), so
+    they survive saving and are visible in `model.summary()`/`get_config()`.
+
+    Args:
+      mean: per-channel means (or one float for all channels). Defaults to
+        `DEFAULT_MEAN`: dataset statistics unknown, keep [0, 1] inputs centred.
+      std: per-channel standard deviations, all > 0. Defaults to `DEFAULT_STD`.
+      **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`, ...).
+    """
+
+    def __init__(self, mean: float | Sequence[float] | None = None,
+                 std: float | Sequence[float] | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.mean = _as_float_tuple(DEFAULT_MEAN if mean is None else mean, "mean")
+        self.std = _as_float_tuple(DEFAULT_STD if std is None else std, "std")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"Normalize std must be positive, got {self.std}.")
+        if len(self.mean) != len(self.std):
+            if 1 not in (len(self.mean), len(self.std)):
+                raise ValueError(f"Normalize mean {self.mean} and std {self.std} have "
+                                 "different numbers of channels.")
+            channels = max(len(self.mean), len(self.std))
+            self.mean = self.mean * (channels // len(self.mean))
+            self.std = self.std * (channels // len(self.std))
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        for values, what in ((self.mean, "mean"), (self.std, "std")):
+            if channels is not None and len(values) not in (1, channels):
+                raise ValueError(f"Normalize {what} has {len(values)} values but the "
+                                 f"input has {channels} channels.")
+        super().build(input_shape)
+
+    def call(self, inputs):
+        # x * (1/std) + (-mean/std): one multiply-add that graph optimizers fold.
+        scale = ops.convert_to_tensor([1.0 / s for s in self.std], dtype=inputs.dtype)
+        offset = ops.convert_to_tensor([-m / s for m, s in zip(self.mean, self.std)],
+                                       dtype=inputs.dtype)
+        return inputs * scale + offset
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(mean=list(self.mean), std=list(self.std))
+        return config
+
+
+@keras.saving.register_keras_serializable(package="pipeline")
+class ZeroPadShortcut(keras.layers.Layer):
+    """He et al. (2016) "option A" shortcut: subsample, then zero-pad channels.
+
+    Why: on CIFAR the paper uses parameter-free shortcuts so ResNets and their
+    plain twins have exactly the same parameter count. Spatial subsampling is
+    `x[:, ::stride, ::stride, :]`; the extra channels are zeros appended after
+    the input channels. Inputs are channels_last.
+
+    Args:
+      filters: output channels, at least the input channels.
+      stride: spatial subsampling factor (1 keeps the resolution).
+      **kwargs: base `keras.layers.Layer` arguments.
+    """
+
+    def __init__(self, filters: int, stride: int = 1, **kwargs):
+        super().__init__(**kwargs)
+        if int(filters) < 1 or int(stride) < 1:
+            raise ValueError(f"ZeroPadShortcut needs filters >= 1 and stride >= 1, "
+                             f"got filters={filters}, stride={stride}.")
+        self.filters = int(filters)
+        self.stride = int(stride)
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        if channels is not None and channels > self.filters:
+            raise ValueError(f"ZeroPadShortcut cannot reduce {channels} channels to "
+                             f"{self.filters}; use a projection shortcut instead.")
+        super().build(input_shape)
+
+    def call(self, inputs):
+        x = inputs
+        if self.stride > 1:
+            x = x[:, ::self.stride, ::self.stride, :]
+        extra = self.filters - inputs.shape[-1]
+        if extra > 0:
+            x = ops.pad(x, [[0, 0], [0, 0], [0, 0], [0, extra]])
+        return x
+
+    def compute_output_shape(self, input_shape):
+        batch, height, width, _ = input_shape
+
+        def subsample(size):
+            return None if size is None else -(-size // self.stride)  # ceil division
+
+        return (batch, subsample(height), subsample(width), self.filters)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(filters=self.filters, stride=self.stride)
+        return config
