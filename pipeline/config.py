@@ -15,9 +15,16 @@ class DataConfig:
 
     dataset: `digits` (embedded), a TFDS name (`cifar10`, or `tfds:cifar10`),
       or `folder:<path>`.
+    train_split, val_split, test_split: TFDS split strings (slicing allowed,
+      `train[:90%]`); None takes the per-dataset default in
+      `pipeline.data.TFDS_DEFAULT_SPLITS`; "" or "none" means no such split.
+    val_fraction, test_fraction: held-out shares when a folder (or a TFDS
+      dataset without `validation`) has to be split here, seeded by `seed`.
     image_size: square model resolution; None keeps the source's own size
-      (32 for digits, the stored size for TFDS/folders with one size, else 224).
-    resize_size: for `bit` augmentation: resize to this, then crop image_size.
+      (32 for digits, the stored size for TFDS datasets with one square size),
+      else 224 (always 224 for folders).
+    resize_size: `bit` augmentation and evaluation: resize to this, then crop
+      image_size (None with `bit`: image_size * 8/7).
     augment: a name from `pipeline.augment.AUGMENTATIONS` (`cifar`, `inception_crop`,
       `bit`, `none`).
     batch_size: global batch size.
@@ -39,6 +46,7 @@ class DataConfig:
     cache: bool = True
     shuffle_buffer: int = 10_000
     drop_remainder: bool = False
+    resolution_rule: Optional[str] = None  # "hyperrule": pick resize/crop from the stored size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +72,7 @@ class OptimizerConfig:
     """One optimizer phase: name, learning rate and its hyperparameters."""
 
     name: str = "sgd"
-    learning_rate: float = 0.1
+    learning_rate: Optional[float] = 0.1  # None: the schedule decides (HyperRule)
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 0.0
@@ -93,7 +101,7 @@ class TrainConfig:
     lr_decay: float = 0.1
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
-    mixup_alpha: float = 0.0
+    mixup_alpha: Optional[float] = 0.0  # None: the schedule decides (HyperRule: 0.1 from 20k examples)
     precision: str = "auto"
     strategy: str = "auto"
     seed: int = 0

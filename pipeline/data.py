@@ -39,6 +39,7 @@ from absl import logging
 
 from pipeline import augment as augment_lib
 from pipeline.config import DataConfig
+from pipeline.schedules import hyperrule_resolution
 
 AUTOTUNE = tf.data.AUTOTUNE
 DEFAULT_IMAGE_SIZE = 224
@@ -669,6 +670,10 @@ def load_dataset(config: DataConfig) -> Datasets:
 
     image_size = config.image_size or source.native_size or DEFAULT_IMAGE_SIZE
     resize_size = config.resize_size
+    if config.resolution_rule == "hyperrule" and not config.image_size:
+        # BiT-HyperRule: decided by the stored size (varying sizes count as large).
+        native = source.native_size or 10**4
+        resize_size, image_size = hyperrule_resolution((native, native))
     if resize_size is None and config.augment == "bit":  # train and eval at the same scale
         resize_size = augment_lib.default_resize_size(image_size)
     if resize_size is not None and resize_size < image_size:

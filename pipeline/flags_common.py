@@ -96,6 +96,13 @@ def define_train_flags(**defaults):
     flags.DEFINE_integer("verbose", None, "Keras verbosity (default: progress bar on a TTY, a line per epoch otherwise).")
 
 
+def define_finetune_flags():
+    flags.DEFINE_integer("freeze_epochs", 0, "Train only the head on a frozen backbone for this many "
+                         "epochs (BatchNorm in inference mode), then the whole network.", lower_bound=0)
+    flags.DEFINE_float("backbone_lr_multiplier", 1.0,
+                       "After unfreezing, the backbone learns at this multiple of the scheduled rate.")
+
+
 def define_run_flags():
     flags.DEFINE_string("model_dir", None, "Run directory (default runs/<model>-<dataset>-<time>).")
     flags.DEFINE_bool("resume", False, "Continue the run in --model_dir from its last finished epoch.")
@@ -151,13 +158,19 @@ def run_config_from_flags(fv, verb: str, **train_extra) -> cfg.RunConfig:
         label_smoothing=fv.label_smoothing, mixup_alpha=fv.mixup_alpha, precision=fv.precision,
         strategy=fv.strategy, seed=fv.seed, deterministic=fv.deterministic,
         steps_per_epoch=fv.steps_per_epoch, total_steps=fv.total_steps, tensorboard=fv.tensorboard,
-        verbose=fv.verbose, **train_extra)
+        verbose=fv.verbose, **_finetune_fields(fv), **train_extra)
     if fv.switch_optimizer_epoch and not fv.second_optimizer:
         raise ValueError("--switch_optimizer_epoch needs --second_optimizer.")
     if fv.second_optimizer and not fv.switch_optimizer_epoch:
         raise ValueError("--second_optimizer needs --switch_optimizer_epoch > 0.")
     return cfg.RunConfig(model_dir=model_dir, data=data, model=model, train=train,
                          resume=fv.resume, flags_text=flags_text(fv, verb))
+
+
+def _finetune_fields(fv) -> dict:
+    if "freeze_epochs" not in fv:
+        return {}
+    return {"freeze_epochs": fv.freeze_epochs, "backbone_lr_multiplier": fv.backbone_lr_multiplier}
 
 
 def run_cli(fn, *args):
@@ -173,3 +186,15 @@ def run_cli(fn, *args):
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
+
+
+def define_export_flags():
+    """`--export` (on unless --noexport), `--export_dir`, `--export_name` for train and finetune."""
+    flags.DEFINE_bool("export", True, "Export the best checkpoint as a TF Serving SavedModel at the end "
+                      "unless --noexport.")
+    flags.DEFINE_string("export_dir", "saved_models", "Folder holding <name>/<version>/ exports.")
+    flags.DEFINE_string("export_name", None, "Export name (default: <model>-<dataset>).")
+
+
+# Where a run's export goes is not part of the run (like --model_dir): keep it out of flags.cfg.
+_EXCLUDED_FROM_FLAGFILE.update({"export", "export_dir", "export_name"})

@@ -26,6 +26,7 @@ from pipeline import data as data_lib
 from pipeline import distribute, precision, rundir, schedules
 from pipeline.augment import mixup
 from pipeline.models import create_model
+from pipeline.models.pretrained import head_layers, set_backbone_trainable
 
 TrainingDiverged = cbs.TrainingDiverged
 
@@ -56,11 +57,45 @@ def _rmsprop(o, lr):
 OPTIMIZERS = {"sgd": _sgd, "adam": _adam, "nadam": _nadam, "adamw": _adamw, "rmsprop": _rmsprop}
 
 
-def make_optimizer(o: cfg.OptimizerConfig, learning_rate):
-    """A Keras optimizer from its config and a float or schedule learning rate."""
+class _BackboneLRMixin:
+    """Scales the learning rate of every variable outside the head by a factor.
+
+    Keras 3 optimizers apply each variable's update in `update_step(gradient,
+    variable, learning_rate)`, so one override gives every optimizer a
+    per-group learning rate without a second optimizer or a custom train step.
+    (Decoupled weight decay still uses the base rate.)
+    """
+
+    backbone_lr_multiplier = 1.0
+    head_variable_paths = frozenset()
+
+    def update_step(self, gradient, variable, learning_rate):
+        if variable.path not in self.head_variable_paths:
+            learning_rate = learning_rate * self.backbone_lr_multiplier
+        return super().update_step(gradient, variable, learning_rate)
+
+
+def make_optimizer(o: cfg.OptimizerConfig, learning_rate, *, backbone_lr_multiplier: float = 1.0,
+                   head_variable_paths=()):
+    """A Keras optimizer from its config and a float or schedule learning rate.
+
+    With `backbone_lr_multiplier != 1`, variables whose `.path` is not in
+    `head_variable_paths` learn at `multiplier x` the scheduled rate.
+    """
     if o.name not in OPTIMIZERS:
         raise ValueError(f"Unknown optimizer {o.name!r}; choose from {', '.join(OPTIMIZERS)}.")
-    return OPTIMIZERS[o.name](o, learning_rate)
+    optimizer = OPTIMIZERS[o.name](o, learning_rate)
+    if backbone_lr_multiplier != 1.0:
+        cls = type(optimizer)
+        optimizer.__class__ = type(f"BackboneLR{cls.__name__}", (_BackboneLRMixin, cls), {})
+        optimizer.backbone_lr_multiplier = float(backbone_lr_multiplier)
+        optimizer.head_variable_paths = frozenset(head_variable_paths)
+    return optimizer
+
+
+def head_variable_paths(model: keras.Model) -> set:
+    """Paths of the `logits` head's variables (what a backbone multiplier spares)."""
+    return {v.path for layer in head_layers(model) for v in layer.variables}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,10 +123,18 @@ def plan_phases(t: cfg.TrainConfig, epochs: int) -> list[Phase]:
 
 def schedule_for(t: cfg.TrainConfig, opt: cfg.OptimizerConfig, *, epochs: int,
                  steps_per_epoch: int, start_epoch: int, hyperrule=None):
-    """The learning-rate schedule of one phase's optimizer, in global steps."""
+    """The learning-rate schedule of one phase's optimizer, in global steps.
+
+    For `hyperrule`, an explicit optimizer learning rate replaces the rule's
+    batch-scaled 0.003; None keeps the rule's.
+    """
     if t.schedule == "hyperrule":
-        spec = hyperrule
-        return schedules.StepSchedule(dataclasses.replace(spec, step_offset=start_epoch * steps_per_epoch))
+        spec = dataclasses.replace(hyperrule, step_offset=start_epoch * steps_per_epoch)
+        if opt.learning_rate is not None:
+            spec = dataclasses.replace(spec, base_lr=opt.learning_rate)
+        return schedules.StepSchedule(spec)
+    if opt.learning_rate is None:
+        raise ValueError("--learning_rate is required unless --schedule=hyperrule.")
     if t.schedule == "constant" and not t.warmup_epochs:
         return opt.learning_rate
     spec = schedules.from_epochs(
@@ -99,17 +142,6 @@ def schedule_for(t: cfg.TrainConfig, opt: cfg.OptimizerConfig, *, epochs: int,
         warmup_epochs=t.warmup_epochs, boundaries_epochs=t.lr_boundaries, decay=t.lr_decay,
         step_offset_epochs=start_epoch)
     return schedules.StepSchedule(spec)
-
-
-def set_backbone_trainable(model: keras.Model, trainable: bool) -> None:
-    """Freeze or unfreeze everything but the `logits` head.
-
-    Frozen BatchNormalization layers run in inference mode in Keras 3, which is
-    what fine-tuning on a frozen backbone needs.
-    """
-    for layer in model.layers:
-        if layer.name != "logits":
-            layer.trainable = trainable
 
 
 def compile_model(model, optimizer, t: cfg.TrainConfig):
@@ -166,14 +198,17 @@ def build_model(run: cfg.RunConfig, datasets) -> keras.Model:
     return model
 
 
-def train(run: cfg.RunConfig, *, datasets=None, extra_callbacks=()) -> TrainResult:
+def train(run: cfg.RunConfig, *, datasets=None, model=None, extra_callbacks=()) -> TrainResult:
     """Train `run` end to end: data, model, phases, checkpoints, test evaluation.
 
     Args:
       run: the resolved configuration; `run.model_dir` is created (or resumed).
       datasets: already loaded `pipeline.data.Datasets` (tests, tuner); loaded
         from `run.data` when None.
-      extra_callbacks: more Keras callbacks (tuner reporting, histograms).
+      model: an already built (uncompiled) model, e.g. from a keras-tuner
+        HyperModel; built from `run.model` inside the strategy scope when None.
+      extra_callbacks: more Keras callbacks (tuner reporting, histograms); they
+        run after the run directory's own callbacks.
 
     Returns:
       TrainResult.
@@ -213,7 +248,10 @@ def train(run: cfg.RunConfig, *, datasets=None, extra_callbacks=()) -> TrainResu
 
     _write_run_files(run, datasets)
     train_ds = datasets.train.repeat() if t.steps_per_epoch else datasets.train
-    train_ds = _one_hot(train_ds, num_classes, mixup_alpha=t.mixup_alpha, seed=t.seed)
+    mixup_alpha = t.mixup_alpha
+    if mixup_alpha is None:
+        mixup_alpha = schedules.hyperrule_mixup(datasets.num_train) if hyperrule else 0.0
+    train_ds = _one_hot(train_ds, num_classes, mixup_alpha=mixup_alpha, seed=t.seed)
     val_ds = _one_hot(datasets.val, num_classes)
     monitor = "val_accuracy" if val_ds is not None else "accuracy"
 
@@ -224,8 +262,9 @@ def train(run: cfg.RunConfig, *, datasets=None, extra_callbacks=()) -> TrainResu
         cbs.MetricsLog(rundir.path(run.model_dir, rundir.METRICS_FILE)).truncate(state["epochs_done"])
         print(f"resuming {run.model_dir} after epoch {state['epochs_done']}", flush=True)
 
-    with strategy.scope():
-        model = build_model(run, datasets)
+    if model is None:
+        with strategy.scope():
+            model = build_model(run, datasets)
     checkpoint = cbs.RunCheckpoint(run.model_dir, monitor=monitor, state=state)
     callbacks = [cbs.EpochStats(steps_per_epoch * batch if t.steps_per_epoch else datasets.num_train),
                  checkpoint]
@@ -246,7 +285,10 @@ def train(run: cfg.RunConfig, *, datasets=None, extra_callbacks=()) -> TrainResu
             set_backbone_trainable(model, not phase.freeze_backbone)
             lr = schedule_for(t, phase.optimizer, epochs=epochs, steps_per_epoch=steps_per_epoch,
                               start_epoch=phase.start, hyperrule=hyperrule)
-            compile_model(model, make_optimizer(phase.optimizer, lr), t)
+            multiplier = 1.0 if phase.freeze_backbone else t.backbone_lr_multiplier
+            optimizer = make_optimizer(phase.optimizer, lr, backbone_lr_multiplier=multiplier,
+                                       head_variable_paths=head_variable_paths(model))
+            compile_model(model, optimizer, t)
             if not loaded:
                 model.optimizer.build(model.trainable_variables)
                 model.load_weights(os.path.join(ckpt_dir, rundir.LAST_CHECKPOINT))

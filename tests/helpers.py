@@ -22,3 +22,18 @@ def run_cli(verb, *args, timeout=600, check=True, env=None):
 def last_line(text):
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else ""
+
+
+def make_image_folder(root, classes=("red", "green", "blue"), per_class=12, size=32, seed=0):
+    """Write a small class-per-subfolder PNG dataset whose classes are learnable (by colour)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    for c, name in enumerate(classes):
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        for i in range(per_class):
+            image = rng.randint(0, 60, (size, size, 3)).astype("uint8")
+            image[..., c % 3] += 180
+            Image.fromarray(image).save(os.path.join(root, name, f"{i}.png"))
+    return str(root)

@@ -1,0 +1,57 @@
+"""Fine-tune a pretrained backbone: `python -m pipeline.finetune --model=bit_m_r50x1 --dataset=...`.
+
+Defaults follow the BiT authors (BiT-HyperRule): resolution from the image
+size, a step budget from the dataset size scaled to the batch, warm-up, /10
+decays at 30/60/90%, lr 0.003 x batch/512, MixUp 0.1 from 20k examples on,
+SGD momentum 0.9, no weight decay, zero-initialized head. Any of them can be
+overridden by its flag. Other backbones typically use `--freeze_epochs` and
+`--backbone_lr_multiplier` with an ordinary schedule.
+"""
+import dataclasses
+
+from absl import app, flags
+
+from pipeline import flags_common, training
+from pipeline.models import get_spec
+
+flags_common.define_data_flags()
+flags_common.define_model_flags(default_model="bit_m_r50x1")
+flags_common.define_train_flags(schedule="hyperrule", learning_rate=None, epochs=10)
+flags_common.define_finetune_flags()
+flags_common.define_run_flags()
+FLAGS = flags.FLAGS
+FLAGS.set_default("augment", "bit")
+FLAGS.set_default("batch_size", 64)
+FLAGS.set_default("mixup_alpha", None)
+
+# Where `--weights` is left unset, each family loads its usual pretrained weights.
+DEFAULT_WEIGHTS = {"bit": "hub", "keras_apps": "imagenet"}
+NO_WEIGHTS = ("none", "random")
+
+
+def finetune_config(fv):
+    """The train config plus fine-tuning defaults that depend on the chosen model."""
+    run = flags_common.run_config_from_flags(fv, "finetune")
+    weights = fv.weights
+    if weights is None:
+        weights = DEFAULT_WEIGHTS.get(get_spec(fv.model).family)
+    elif weights.lower() in NO_WEIGHTS:
+        weights = None
+    data = run.data
+    if fv.schedule == "hyperrule":
+        data = dataclasses.replace(data, resolution_rule="hyperrule")
+    return dataclasses.replace(run, data=data, model=dataclasses.replace(run.model, weights=weights))
+
+
+def run(argv):
+    if FLAGS.resume:
+        flags_common.reparse_with_run_flagfile(FLAGS)
+    return training.train(finetune_config(FLAGS))
+
+
+def main(argv):
+    flags_common.run_cli(run, argv)
+
+
+if __name__ == "__main__":
+    app.run(main)
