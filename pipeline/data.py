@@ -153,6 +153,7 @@ class _Source:
     val: Optional[_Split]
     test: Optional[_Split]
     native_size: Optional[int]  # the stored square size, None when sizes vary
+    typical_size: Optional[Tuple[int, int]] = None  # median (h, w) of a sample, for size rules
     in_memory: bool = False  # already in RAM: never cache
     bytes_per_pixel: int = 1  # stored dtype size, for the cache estimate
     stats: Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]] = None
@@ -560,8 +561,20 @@ def _folder_source(path: str, config: DataConfig) -> _Source:
         val=make(val),
         test=make(test),
         native_size=None,
+        typical_size=_median_size(train[0]),
         num_skipped=len(bad),
     )
+
+
+def _median_size(paths: Sequence[str], sample: int = 64) -> Optional[Tuple[int, int]]:
+    """Median (height, width) of up to `sample` images (PIL reads only their headers)."""
+    from PIL import Image
+
+    sizes = []
+    for path in list(paths)[:sample]:
+        with Image.open(path) as im:
+            sizes.append((im.height, im.width))
+    return tuple(int(v) for v in np.median(np.array(sizes), axis=0)) if sizes else None
 
 
 # -------------------------------------------------------------- pipeline
@@ -672,8 +685,8 @@ def load_dataset(config: DataConfig) -> Datasets:
     resize_size = config.resize_size
     if config.resolution_rule == "hyperrule" and not config.image_size:
         # BiT-HyperRule: decided by the stored size (varying sizes count as large).
-        native = source.native_size or 10**4
-        resize_size, image_size = hyperrule_resolution((native, native))
+        size = (source.native_size,) * 2 if source.native_size else source.typical_size
+        resize_size, image_size = hyperrule_resolution(size or (DEFAULT_IMAGE_SIZE,) * 2)
     if resize_size is None and config.augment == "bit":  # train and eval at the same scale
         resize_size = augment_lib.default_resize_size(image_size)
     if resize_size is not None and resize_size < image_size:

@@ -69,8 +69,13 @@ class _BackboneLRMixin:
     backbone_lr_multiplier = 1.0
     head_variable_paths = frozenset()
 
+    def build(self, variables):
+        # update_step sees backend variables without `.path`: map keys once here.
+        self._head_keys = {self._var_key(v) for v in variables if v.path in self.head_variable_paths}
+        super().build(variables)
+
     def update_step(self, gradient, variable, learning_rate):
-        if variable.path not in self.head_variable_paths:
+        if self._var_key(variable) not in self._head_keys:
             learning_rate = learning_rate * self.backbone_lr_multiplier
         return super().update_step(gradient, variable, learning_rate)
 
@@ -322,7 +327,7 @@ def train(run: cfg.RunConfig, *, datasets=None, model=None, extra_callbacks=()) 
 
 def _load_model_weights(model, filename):
     """Load model weights only from a `.keras` checkpoint (its optimizer may differ)."""
-    saved = keras.saving.load_model(filename, compile=False)
+    saved = keras.saving.load_model(filename, compile=False, safe_mode=False)
     model.set_weights(saved.get_weights())
 
 
@@ -375,7 +380,7 @@ def evaluate_checkpoint(model_dir: str, *, split: str = "test", checkpoint: str 
     if not os.path.exists(filename):
         raise rundir.RunDirError(f"{filename} is missing: the run finished no epoch.")
     import pipeline.models  # noqa: F401  (registers custom layers for loading)
-    model = keras.saving.load_model(filename, compile=False)
+    model = keras.saving.load_model(filename, compile=False, safe_mode=False)
     labels, logits = [], []
     for x, y in ds:
         logits.append(model(x, training=False).numpy().astype(np.float32))

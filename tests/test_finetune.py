@@ -39,8 +39,11 @@ def test_finetune_bit_end_to_end_on_an_image_folder(folder, tmp_path):
     assert len(rows) == summary["epochs_done"] >= 1
     # 18 training images at batch 8 -> 3 steps per epoch; 6 steps -> 2 epochs.
     assert summary["epochs_done"] == 2
-    # Warm-up: the first epoch starts far below the HyperRule peak of 0.003 * 8 / 512.
-    assert float(rows[0]["lr"]) < 0.003 * 8 / 512
+    # HyperRule lr 0.003 * 8 / 512; a 6-step budget decays /10 at steps 1, 3 and 5 (30/60/90%),
+    # so epoch 2 (steps 3-5) starts two decays down.
+    peak = 0.003 * 8 / 512
+    assert float(rows[0]["lr"]) == pytest.approx(peak, rel=1e-4)
+    assert float(rows[1]["lr"]) == pytest.approx(peak * 0.01, rel=1e-4)
 
 
 def test_finetune_hyperrule_picks_resolution_from_image_size(folder, tmp_path):

@@ -70,6 +70,22 @@ def _head(features, num_classes: int):
 
 # --------------------------------------------------------------------------- TF-Hub modules
 
+@keras.saving.register_keras_serializable(package="pipeline")
+class HubModuleLayer(keras.layers.TFSMLayer):
+    """TFSMLayer whose tracked variables get valid Keras names.
+
+    Keras 3.15's TFSMLayer keeps the `:0` of TensorFlow variable names, and an
+    optimizer with slot variables (SGD momentum, Adam) then fails with "is not
+    a valid scope name". The same tracking, with ':' replaced.
+    """
+
+    def _add_existing_weight(self, weight):
+        variable = keras.Variable(initializer=weight, trainable=weight.trainable, dtype=weight.dtype,
+                                  shape=weight.shape,
+                                  name=weight.name.replace("/", "_").replace(":", "_"))
+        self._track_variable(variable)
+
+
 @register_model("hub:", family="hub", prefix=True, pretrained=True, default_image_size=224)
 def hub_model(*, num_classes, input_shape, weights=None, normalization=None, argument,
               trainable: bool = True):
@@ -97,12 +113,12 @@ def hub_model(*, num_classes, input_shape, weights=None, normalization=None, arg
                            f"--weights={weights}.")
     path = hub_io.resolve_handle(argument)
     try:
-        backbone = keras.layers.TFSMLayer(path, call_endpoint="__call__", trainable=trainable,
+        backbone = HubModuleLayer(path, call_endpoint="__call__", trainable=trainable,
                                           dtype="float32", name=BACKBONE)
     except Exception as err:  # noqa: BLE001 - any failure means "not a usable module"
         raise hub_io.weights_error(argument, f"not a TF-Hub image module with a __call__: "
                                              f"{hub_io._short(err)}") from None
-    logging.info("hub:%s computes in float32 whatever the precision policy (%s): a SavedModel "
+    logging.warning("hub:%s computes in float32 whatever the precision policy (%s): a SavedModel "
                  "keeps the dtypes it was saved with.", argument,
                  keras.config.dtype_policy().name)
     inputs = keras.Input(shape=tuple(input_shape), dtype="float32", name="image")
