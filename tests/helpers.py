@@ -5,7 +5,8 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Tiny settings that keep an end-to-end run to seconds on 2 cores.
-FAST = ["--dataset=digits", "--model=resnet20", "--batch_size=64", "--augment=none", "--verbose=2"]
+FAST = ["--dataset=digits", "--model=resnet20", "--batch_size=64", "--augment=none", "--verbose=2",
+        "--noexport"]
 
 
 def run_cli(verb, *args, timeout=600, check=True, env=None):
