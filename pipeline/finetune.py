@@ -19,6 +19,7 @@ flags_common.define_model_flags(default_model="bit_m_r50x1")
 flags_common.define_train_flags(schedule="hyperrule", learning_rate=None, epochs=10)
 flags_common.define_finetune_flags()
 flags_common.define_run_flags()
+flags_common.define_export_flags()
 FLAGS = flags.FLAGS
 FLAGS.set_default("augment", "bit")
 FLAGS.set_default("batch_size", 64)
@@ -46,7 +47,7 @@ def finetune_config(fv):
 def run(argv):
     if FLAGS.resume:
         flags_common.reparse_with_run_flagfile(FLAGS)
-    return training.train(finetune_config(FLAGS))
+    return flags_common.after_training(FLAGS, training.train(finetune_config(FLAGS)))
 
 
 def main(argv):

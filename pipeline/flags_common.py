@@ -16,6 +16,8 @@ from pipeline import config as cfg
 from pipeline import precision, rundir, schedules
 
 _EXCLUDED_FROM_FLAGFILE = {"model_dir", "resume"}
+# Where a run trains (a TPU's address) is not part of the run either: resume with --tpu again.
+_EXCLUDED_FROM_FLAGFILE.add("tpu")
 
 
 def _model_names():
@@ -86,8 +88,17 @@ def define_train_flags(**defaults):
     flags.DEFINE_enum("precision", "auto", list(precision.POLICIES),
                       "auto: mixed_float16 on GPUs >= 7.0, mixed_bfloat16 on CPUs with AVX512-BF16/AMX, "
                       "else float32.")
-    flags.DEFINE_enum("strategy", "auto", ["auto", "default", "mirrored"],
-                      "tf.distribute strategy; auto = mirrored over several GPUs.")
+    flags.DEFINE_enum("strategy", "auto", ["auto", "default", "mirrored", "multi_worker", "tpu"],
+                      "tf.distribute strategy. auto: tpu when --tpu is set, else multi_worker when "
+                      "TF_CONFIG names more than one chief/worker task, else mirrored over several "
+                      "GPUs, else default (one device). --batch_size stays the global batch.")
+    flags.DEFINE_string("tpu", None, "Cloud TPU for --strategy=tpu (or auto): its name or grpc:// "
+                        "address, or `local` on a TPU VM.")
+    flags.DEFINE_enum("lr_scaling", "none", ["none", "linear"],
+                      "none: learning rates as given (right when --batch_size, the global batch, is "
+                      "the recipe's). linear: every learning rate (flag, second optimizer, HyperRule) "
+                      "x the number of replicas in sync, for a --batch_size grown with the replicas "
+                      "(HyperRule's default rate already follows --batch_size: don't add linear).")
     flags.DEFINE_integer("seed", 0, "Seed for initialization, shuffling and augmentation.")
     flags.DEFINE_bool("deterministic", False, "Turn on TensorFlow op determinism (slower).")
     flags.DEFINE_integer("steps_per_epoch", None, "Steps per epoch (default: one pass over the training data).")
@@ -156,7 +167,8 @@ def run_config_from_flags(fv, verb: str, **train_extra) -> cfg.RunConfig:
         switch_optimizer_epoch=fv.switch_optimizer_epoch, schedule=fv.schedule,
         lr_boundaries=boundaries, lr_decay=fv.lr_decay, warmup_epochs=fv.warmup_epochs,
         label_smoothing=fv.label_smoothing, mixup_alpha=fv.mixup_alpha, precision=fv.precision,
-        strategy=fv.strategy, seed=fv.seed, deterministic=fv.deterministic,
+        strategy=fv.strategy, tpu=fv.tpu, lr_scaling=fv.lr_scaling, seed=fv.seed,
+        deterministic=fv.deterministic,
         steps_per_epoch=fv.steps_per_epoch, total_steps=fv.total_steps, tensorboard=fv.tensorboard,
         verbose=fv.verbose, **_finetune_fields(fv), **train_extra)
     if fv.switch_optimizer_epoch and not fv.second_optimizer:
@@ -194,6 +206,18 @@ def define_export_flags():
                       "unless --noexport.")
     flags.DEFINE_string("export_dir", "saved_models", "Folder holding <name>/<version>/ exports.")
     flags.DEFINE_string("export_name", None, "Export name (default: <model>-<dataset>).")
+
+
+def after_training(fv, result):
+    """What train and finetune do after `training.train`: export (unless --noexport).
+
+    Only the chief of a multi-worker job exports, so a job leaves one version.
+    """
+    if fv.export and getattr(result, "is_chief", True):
+        from pipeline import export
+        path = export.export_run(result.model_dir, export_root=fv.export_dir, name=fv.export_name)
+        print(f"export: {path}", flush=True)
+    return result
 
 
 # Where a run's export goes is not part of the run (like --model_dir): keep it out of flags.cfg.

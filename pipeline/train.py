@@ -1,7 +1,7 @@
 """Train a model from scratch: `python -m pipeline.train --flagfile=flags/quickstart.cfg`."""
 from absl import app, flags
 
-from pipeline import export, flags_common, training
+from pipeline import flags_common, training
 
 flags_common.define_data_flags()
 flags_common.define_model_flags()
@@ -15,10 +15,7 @@ def run(argv):
     if FLAGS.resume:
         flags_common.reparse_with_run_flagfile(FLAGS)
     result = training.train(flags_common.run_config_from_flags(FLAGS, "train"))
-    if FLAGS.export and getattr(result, "is_chief", True):  # one export per multi-worker job
-        path = export.export_run(result.model_dir, export_root=FLAGS.export_dir, name=FLAGS.export_name)
-        print(f"export: {path}", flush=True)
-    return result
+    return flags_common.after_training(FLAGS, result)
 
 
 def main(argv):
