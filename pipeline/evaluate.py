@@ -14,22 +14,9 @@ flags.DEFINE_enum("checkpoint", "best", ["best", "last"], "Which checkpoint to e
 FLAGS = flags.FLAGS
 
 
-def write_results(model_dir: str, split: str, result: dict) -> None:
-    names = result["class_names"]
-    rows = [["true\\predicted", *names]] + [[n, *map(str, row)] for n, row in zip(names, result["confusion"])]
-    rundir.write_text_atomic(rundir.path(model_dir, f"confusion_{split}.csv"),
-                             "\n".join(",".join(_csv_cell(c) for c in r) for r in rows) + "\n")
-    summary = {k: v for k, v in result.items() if k != "confusion"}
-    rundir.write_json_atomic(rundir.path(model_dir, f"evaluation_{split}.json"), summary)
-
-
-def _csv_cell(value: str) -> str:
-    return f'"{value}"' if ("," in value or '"' in value) else value
-
-
 def run(argv):
     result = training.evaluate_checkpoint(FLAGS.model_dir, split=FLAGS.split, checkpoint=FLAGS.checkpoint)
-    write_results(FLAGS.model_dir, FLAGS.split, result)
+    rundir.write_evaluation(FLAGS.model_dir, FLAGS.split, result)
     print(f"{FLAGS.split}: loss {result['loss']:.4f}, accuracy {result['accuracy']:.4f} "
           f"({result['examples']} images, {FLAGS.checkpoint} checkpoint)")
     width = max(len(n) for n in result["class_names"])

@@ -206,19 +206,26 @@ def define_export_flags():
                       "unless --noexport.")
     flags.DEFINE_string("export_dir", "saved_models", "Folder holding <name>/<version>/ exports.")
     flags.DEFINE_string("export_name", None, "Export name (default: <model>-<dataset>).")
+    flags.DEFINE_bool("report", True, "Write <run>/report.md and report.html at the end unless --noreport.")
 
 
 def after_training(fv, result):
-    """What train and finetune do after `training.train`: export (unless --noexport).
+    """What train and finetune do after `training.train`: export, then report (unless --no...).
 
     Only the chief of a multi-worker job exports, so a job leaves one version.
     """
-    if fv.export and getattr(result, "is_chief", True):
+    if not getattr(result, "is_chief", True):
+        return result
+    if fv.export:
         from pipeline import export
         path = export.export_run(result.model_dir, export_root=fv.export_dir, name=fv.export_name)
         print(f"export: {path}", flush=True)
+    if fv.report:
+        from pipeline import report
+        _, html = report.write_run_report(result.model_dir, export_roots=[fv.export_dir])
+        print(f"report: {html}", flush=True)
     return result
 
 
 # Where a run's export goes is not part of the run (like --model_dir): keep it out of flags.cfg.
-_EXCLUDED_FROM_FLAGFILE.update({"export", "export_dir", "export_name"})
+_EXCLUDED_FROM_FLAGFILE.update({"export", "export_dir", "export_name", "report"})

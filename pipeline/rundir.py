@@ -135,3 +135,21 @@ def read_metrics(model_dir: str) -> list[dict]:
 def read_labels(model_dir: str) -> list[str]:
     with open(path(model_dir, LABELS_FILE), encoding="utf-8") as f:
         return [line.rstrip("\n") for line in f if line.strip()]
+
+
+def _csv_cell(value) -> str:
+    value = str(value)
+    return f'"{value}"' if ("," in value or '"' in value) else value
+
+
+def write_evaluation(model_dir: str, split: str, result: dict) -> None:
+    """`evaluation_<split>.json` and `confusion_<split>.csv` (rows: true class, columns: predicted).
+
+    Written by `pipeline.evaluate` and by reports, read back by reports.
+    """
+    names = result["class_names"]
+    rows = [["true\\predicted", *names]] + [[n, *map(str, row)] for n, row in zip(names, result["confusion"])]
+    write_text_atomic(path(model_dir, f"confusion_{split}.csv"),
+                      "\n".join(",".join(_csv_cell(c) for c in r) for r in rows) + "\n")
+    write_json_atomic(path(model_dir, f"evaluation_{split}.json"),
+                      {k: v for k, v in result.items() if k != "confusion"})

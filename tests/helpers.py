@@ -6,7 +6,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Tiny settings that keep an end-to-end run to seconds on 2 cores.
 FAST = ["--dataset=digits", "--model=resnet20", "--batch_size=64", "--augment=none", "--verbose=2",
-        "--noexport"]
+        "--noexport", "--noreport"]
 
 
 def run_cli(verb, *args, timeout=600, check=True, env=None):

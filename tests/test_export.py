@@ -77,7 +77,7 @@ _TRAIN_WIRING = textwrap.dedent("""
     for args in json.loads(sys.argv[1]):
         calls.clear()
         flags.FLAGS.unparse_flags()
-        flags.FLAGS(["train", "--model_dir=/runs/r", *args])
+        flags.FLAGS(["train", "--model_dir=/runs/r", "--noreport", *args])
         train.run(["train"])
         print("CALLS " + json.dumps(calls), flush=True)
 """)

@@ -26,7 +26,7 @@ def read_rows(model_dir):
 
 def test_finetune_bit_end_to_end_on_an_image_folder(folder, tmp_path):
     model_dir = str(tmp_path / "bit")
-    proc = run_cli("finetune", f"--dataset=folder:{folder}", "--model=bit_m_r50x1", "--weights=none",
+    proc = run_cli("finetune", "--noexport", "--noreport", f"--dataset=folder:{folder}", "--model=bit_m_r50x1", "--weights=none",
                    "--image_size=32", "--batch_size=8", "--total_steps=6", "--verbose=2",
                    f"--model_dir={model_dir}", "--val_fraction=0.25", "--test_fraction=0.25")
     assert f"run directory: {model_dir}" in proc.stdout
@@ -58,7 +58,7 @@ def test_finetune_hyperrule_picks_resolution_from_image_size(folder, tmp_path):
 def test_finetune_hub_module_with_frozen_epochs(folder, tmp_path):
     module = _save_feature_module(tmp_path / "module")
     model_dir = str(tmp_path / "hub")
-    run_cli("finetune", f"--dataset=folder:{folder}", f"--model=hub:{module}", "--schedule=constant",
+    run_cli("finetune", "--noexport", "--noreport", f"--dataset=folder:{folder}", f"--model=hub:{module}", "--schedule=constant",
             "--learning_rate=0.5", "--epochs=2", "--freeze_epochs=1", "--backbone_lr_multiplier=0.1",
             "--batch_size=8", "--augment=none", "--verbose=2", f"--model_dir={model_dir}")
     summary = json.load(open(os.path.join(model_dir, "summary.json")))
@@ -66,7 +66,7 @@ def test_finetune_hub_module_with_frozen_epochs(folder, tmp_path):
 
 
 def test_finetune_unreachable_weights_is_one_clear_line(folder, tmp_path):
-    proc = run_cli("finetune", f"--dataset=folder:{folder}", "--weights=/nonexistent/bit.npz",
+    proc = run_cli("finetune", "--noexport", "--noreport", f"--dataset=folder:{folder}", "--weights=/nonexistent/bit.npz",
                    "--image_size=32", f"--model_dir={tmp_path / 'x'}", check=False)
     assert proc.returncode == 1
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -116,7 +116,8 @@ def test_init_from_copies_all_but_the_head(digits_run, folder):
 
 
 def test_init_from_cli_on_a_new_task(digits_run, folder, tmp_path):
-    proc = run_cli("train", f"--dataset=folder:{folder}", "--model=resnet20", "--epochs=1",
+    proc = run_cli("train", "--noexport", "--noreport", f"--dataset=folder:{folder}", "--model=resnet20",
+                   "--epochs=1",
                    "--batch_size=8", "--augment=none", "--verbose=2", f"--init_from={digits_run['model_dir']}",
                    f"--model_dir={tmp_path / 'adapted'}")
     assert "init_from: copied" in proc.stdout
