@@ -104,6 +104,8 @@ class TrainConfig:
     mixup_alpha: Optional[float] = 0.0  # None: the schedule decides (HyperRule: 0.1 from 20k examples)
     precision: str = "auto"
     strategy: str = "auto"
+    tpu: Optional[str] = None  # Cloud TPU name/address (`local` on a TPU VM)
+    lr_scaling: str = "none"  # "linear": every learning rate x replicas in sync
     seed: int = 0
     deterministic: bool = False
     steps_per_epoch: Optional[int] = None
@@ -111,6 +113,7 @@ class TrainConfig:
     freeze_epochs: int = 0
     backbone_lr_multiplier: float = 1.0
     tensorboard: bool = True
+    histogram_freq: int = 0  # TensorBoard weight/gradient histograms every N epochs (0 = off)
     verbose: Optional[int] = None
 
 

@@ -104,6 +104,8 @@ def define_train_flags(**defaults):
     flags.DEFINE_integer("steps_per_epoch", None, "Steps per epoch (default: one pass over the training data).")
     flags.DEFINE_integer("total_steps", None, "Step budget; overrides --epochs.")
     flags.DEFINE_bool("tensorboard", True, "Write TensorBoard scalars to <run>/tensorboard.")
+    flags.DEFINE_integer("histogram_freq", 0, "TensorBoard weight and gradient histograms every N epochs "
+                         "(0 = off, for speed).", lower_bound=0)
     flags.DEFINE_integer("verbose", None, "Keras verbosity (default: progress bar on a TTY, a line per epoch otherwise).")
 
 
@@ -170,6 +172,7 @@ def run_config_from_flags(fv, verb: str, **train_extra) -> cfg.RunConfig:
         strategy=fv.strategy, tpu=fv.tpu, lr_scaling=fv.lr_scaling, seed=fv.seed,
         deterministic=fv.deterministic,
         steps_per_epoch=fv.steps_per_epoch, total_steps=fv.total_steps, tensorboard=fv.tensorboard,
+        histogram_freq=fv.histogram_freq,
         verbose=fv.verbose, **_finetune_fields(fv), **train_extra)
     if fv.switch_optimizer_epoch and not fv.second_optimizer:
         raise ValueError("--switch_optimizer_epoch needs --second_optimizer.")

@@ -1,17 +1,22 @@
-"""Compile and fit a model from a RunConfig, writing the run directory as it goes.
+"""Train a model from a RunConfig under any tf.distribute strategy, writing the run directory.
 
 One entry, `train(run)`, used by `pipeline.train`, `pipeline.finetune` and the
-tuner. A run is a list of *phases* (frozen-backbone epochs, then the first
-optimizer, then an optional second optimizer); each phase is one `fit` call
-continuing the global epoch count and the global learning-rate schedule, so a
-mid-run optimizer switch or an unfreeze is a recompile, not a second loop.
+tuner, and one loop for every strategy (`pipeline.loop`: a compiled
+`strategy.run` step driving the Keras callbacks like `fit`; Keras 3's `fit`
+itself fails under MultiWorkerMirroredStrategy). A run is a list of *phases*
+(frozen-backbone epochs, then the first optimizer, then an optional second
+optimizer); each phase continues the global epoch count and the global
+learning-rate schedule, so a mid-run optimizer switch or an unfreeze is a
+recompile, not a second loop.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Optional
 
@@ -21,9 +26,11 @@ import tensorflow as tf
 from absl import logging
 
 from pipeline import callbacks as cbs
+from pipeline import insight
 from pipeline import config as cfg
 from pipeline import data as data_lib
 from pipeline import distribute, precision, rundir, schedules
+from pipeline import loop as loop_lib
 from pipeline.augment import mixup
 from pipeline.models import create_model
 from pipeline.models.pretrained import head_layers, set_backbone_trainable
@@ -127,12 +134,27 @@ def plan_phases(t: cfg.TrainConfig, epochs: int) -> list[Phase]:
 
 
 def schedule_for(t: cfg.TrainConfig, opt: cfg.OptimizerConfig, *, epochs: int,
-                 steps_per_epoch: int, start_epoch: int, hyperrule=None):
+                 steps_per_epoch: int, start_epoch: int, hyperrule=None, lr_scale: float = 1.0):
     """The learning-rate schedule of one phase's optimizer, in global steps.
 
     For `hyperrule`, an explicit optimizer learning rate replaces the rule's
-    batch-scaled 0.003; None keeps the rule's.
+    batch-scaled 0.003; None keeps the rule's. `lr_scale` multiplies the
+    result (`--lr_scaling`, see `distribute.lr_scale`).
     """
+    return scale_learning_rate(_schedule(t, opt, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                                         start_epoch=start_epoch, hyperrule=hyperrule), lr_scale)
+
+
+def scale_learning_rate(lr, factor: float):
+    """A float learning rate or a `schedules.StepSchedule` times `factor`."""
+    if factor == 1.0:
+        return lr
+    if isinstance(lr, schedules.StepSchedule):
+        return schedules.StepSchedule(dataclasses.replace(lr.spec, base_lr=lr.spec.base_lr * factor))
+    return lr * factor
+
+
+def _schedule(t, opt, *, epochs, steps_per_epoch, start_epoch, hyperrule):
     if t.schedule == "hyperrule":
         spec = dataclasses.replace(hyperrule, step_offset=start_epoch * steps_per_epoch)
         if opt.learning_rate is not None:
@@ -172,7 +194,11 @@ def _one_hot(ds, num_classes, *, mixup_alpha=0.0, seed=0):
 
 @dataclasses.dataclass
 class TrainResult:
-    """What a finished (or stopped) run reports; also written to summary.json."""
+    """What a finished (or stopped) run reports; also written to summary.json.
+
+    `model_dir` is the run directory (the chief's); `is_chief` is False in the
+    other tasks of a multi-worker job, whose files went to a removed temp dir.
+    """
 
     model_dir: str
     status: str
@@ -184,6 +210,7 @@ class TrainResult:
     test_accuracy: Optional[float]
     precision: str
     summary: dict
+    is_chief: bool = True
 
 
 def _seed_everything(t: cfg.TrainConfig):
@@ -206,12 +233,24 @@ def build_model(run: cfg.RunConfig, datasets) -> keras.Model:
 def train(run: cfg.RunConfig, *, datasets=None, model=None, extra_callbacks=()) -> TrainResult:
     """Train `run` end to end: data, model, phases, checkpoints, test evaluation.
 
+    Every strategy takes the same path (`pipeline.loop.Loop`: a compiled
+    `strategy.run` step over a distributed dataset, driving the Keras callbacks
+    like `fit`). The strategy is resolved first, before TensorFlow runs any op
+    (a multi-worker strategy and logical devices require that). In a
+    multi-worker job only the chief writes `run.model_dir`; the other tasks
+    run the same saves (they may be collective) into a temporary directory
+    that is removed at the end, and on `run.resume` every task restores from
+    the chief's `checkpoints/` (so the run directory must be on storage every
+    task can read).
+
     Args:
       run: the resolved configuration; `run.model_dir` is created (or resumed).
       datasets: already loaded `pipeline.data.Datasets` (tests, tuner); loaded
         from `run.data` when None.
       model: an already built (uncompiled) model, e.g. from a keras-tuner
-        HyperModel; built from `run.model` inside the strategy scope when None.
+        HyperModel, whose variables were made in this run's strategy scope
+        (`distribute.resolve_strategy(...)` returns the same cached strategy);
+        built from `run.model` inside the strategy scope when None.
       extra_callbacks: more Keras callbacks (tuner reporting, histograms); they
         run after the run directory's own callbacks.
 
@@ -222,20 +261,64 @@ def train(run: cfg.RunConfig, *, datasets=None, model=None, extra_callbacks=()) 
       TrainingDiverged: the loss became NaN; the best checkpoint is kept.
       rundir.RunDirError, data.DataError, ValueError: bad input, before training.
     """
-    t = run.train
     wall_start = time.time()
-    rundir.prepare(run.model_dir, resume=run.resume)
+    t = run.train
+    strategy, strategy_name = distribute.resolve_strategy(t.strategy, tpu=t.tpu)
+    role = distribute.worker_role(strategy)
+    distribute.per_replica_batch(run.data.batch_size, strategy.num_replicas_in_sync)
+    if role.is_chief or run.resume:
+        rundir.prepare(run.model_dir, resume=run.resume)  # non-chiefs only check (resume)
+    if role.is_chief:
+        return _train(run, strategy, strategy_name, role, run.model_dir, datasets=datasets, model=model,
+                      extra_callbacks=extra_callbacks, wall_start=wall_start)
+    write_dir = tempfile.mkdtemp(prefix=f"pipeline-{role.task_type}{role.task_id}-")
+    print(f"{role.task_type} {role.task_id} of {role.num_workers} tasks: the chief writes "
+          f"{run.model_dir}; this task's copies go to {write_dir} (removed at the end)", flush=True)
+    try:
+        if run.resume:  # start from the chief's best too, so every task evaluates the same weights
+            best = rundir.path(run.model_dir, rundir.CHECKPOINT_DIR, rundir.BEST_CHECKPOINT)
+            if os.path.exists(best):
+                os.makedirs(rundir.path(write_dir, rundir.CHECKPOINT_DIR), exist_ok=True)
+                shutil.copyfile(best, rundir.path(write_dir, rundir.CHECKPOINT_DIR, rundir.BEST_CHECKPOINT))
+        return _train(run, strategy, strategy_name, role, write_dir, datasets=datasets, model=model,
+                      extra_callbacks=extra_callbacks, wall_start=wall_start)
+    finally:
+        shutil.rmtree(write_dir, ignore_errors=True)
+
+
+def _train(run, strategy, strategy_name, role, write_dir, *, datasets, model, extra_callbacks,
+           wall_start) -> TrainResult:
+    """`train` after the strategy and the directory this task writes are known."""
+    t = run.train
     _seed_everything(t)
     policy = precision.apply_precision(t.precision)
-    strategy, strategy_name = distribute.resolve_strategy(t.strategy)
-    logging.info("precision: %s; strategy: %s (%d replicas)", policy, strategy_name,
-                 strategy.num_replicas_in_sync)
-    print(f"precision: {policy}; strategy: {strategy_name}", flush=True)
-
-    datasets = datasets or data_lib.load_dataset(run.data)
-    num_classes = len(datasets.class_names)
+    replicas = strategy.num_replicas_in_sync
     batch = run.data.batch_size
-    steps_per_epoch = t.steps_per_epoch or max(1, math.ceil(datasets.num_train / batch))
+    dist = {"strategy": strategy_name, "replicas": replicas, "workers": role.num_workers,
+            "per_replica_batch": distribute.per_replica_batch(batch, replicas),
+            "lr_scaling": t.lr_scaling, "lr_scale": distribute.lr_scale(t.lr_scaling, replicas)}
+    logging.info("precision: %s; distribution: %s", policy, dist)
+    workers = f", {role.num_workers} workers" if role.num_workers > 1 else ""
+    print(f"precision: {policy}; strategy: {strategy_name} ({replicas} replicas{workers}, "
+          f"per-replica batch {dist['per_replica_batch']})", flush=True)
+
+    # Several replicas split every training batch: a short last batch could leave a
+    # replica without examples (BatchNorm on an empty batch is NaN), so drop it.
+    drop_remainder = datasets is None and (replicas > 1 or strategy_name == "tpu")
+    datasets = datasets or data_lib.load_dataset(
+        dataclasses.replace(run.data, drop_remainder=run.data.drop_remainder or drop_remainder))
+    drop_remainder = drop_remainder or run.data.drop_remainder
+    num_classes = len(datasets.class_names)
+    if t.steps_per_epoch:
+        steps_per_epoch = t.steps_per_epoch
+    elif drop_remainder:
+        steps_per_epoch = datasets.num_train // batch
+        if not steps_per_epoch:
+            raise ValueError(f"--batch_size={batch} is larger than the {datasets.num_train} training "
+                             "examples: no full batch to split over the replicas.")
+    else:
+        steps_per_epoch = max(1, math.ceil(datasets.num_train / batch))
+    full_batches = t.steps_per_epoch or drop_remainder
     hyperrule = None
     epochs = t.epochs
     if t.schedule == "hyperrule":
@@ -251,7 +334,7 @@ def train(run: cfg.RunConfig, *, datasets=None, model=None, extra_callbacks=()) 
         epochs = max(1, math.ceil(t.total_steps / steps_per_epoch))
     phases = plan_phases(t, epochs)
 
-    _write_run_files(run, datasets)
+    _write_run_files(run, datasets, write_dir)
     train_ds = datasets.train.repeat() if t.steps_per_epoch else datasets.train
     mixup_alpha = t.mixup_alpha
     if mixup_alpha is None:
@@ -261,68 +344,107 @@ def train(run: cfg.RunConfig, *, datasets=None, model=None, extra_callbacks=()) 
     monitor = "val_accuracy" if val_ds is not None else "accuracy"
 
     state = {"epochs_done": 0, "best_value": None, "best_epoch": None}
-    ckpt_dir = rundir.path(run.model_dir, rundir.CHECKPOINT_DIR)
+    ckpt_dir = rundir.path(run.model_dir, rundir.CHECKPOINT_DIR)  # what every task restores from
     if run.resume:
         state = rundir.read_json(os.path.join(ckpt_dir, rundir.STATE_FILE))
-        cbs.MetricsLog(rundir.path(run.model_dir, rundir.METRICS_FILE)).truncate(state["epochs_done"])
+        if role.is_chief:
+            cbs.MetricsLog(rundir.path(run.model_dir, rundir.METRICS_FILE)).truncate(state["epochs_done"])
         print(f"resuming {run.model_dir} after epoch {state['epochs_done']}", flush=True)
 
     if model is None:
         with strategy.scope():
             model = build_model(run, datasets)
-    checkpoint = cbs.RunCheckpoint(run.model_dir, monitor=monitor, state=state)
-    callbacks = [cbs.EpochStats(steps_per_epoch * batch if t.steps_per_epoch else datasets.num_train),
+    elif model.weights and not strategy.extended.variable_created_in_scope(model.weights[0].value):
+        raise ValueError(f"The model passed to train() was built outside the {strategy_name!r} "
+                         "strategy's scope: build it in `distribute.resolve_strategy(...)[0].scope()` "
+                         "or let train() build it.")
+    checkpoint = cbs.RunCheckpoint(write_dir, monitor=monitor, state=state)
+    callbacks = [cbs.EpochStats(steps_per_epoch * batch if full_batches else datasets.num_train),
                  checkpoint]
     if t.tensorboard:
-        callbacks.append(keras.callbacks.TensorBoard(rundir.path(run.model_dir, rundir.TENSORBOARD_DIR),
+        callbacks.append(keras.callbacks.TensorBoard(rundir.path(write_dir, rundir.TENSORBOARD_DIR),
                                                      write_graph=False))
+        callbacks.append(insight.callback_for_run(write_dir, datasets, histogram_freq=t.histogram_freq,
+                                                  label_smoothing=t.label_smoothing))
     callbacks += list(extra_callbacks)
     verbose = t.verbose if t.verbose is not None else (1 if sys.stdout.isatty() else 2)
-    summary = _summary(run, datasets, policy, strategy_name, model, status="running",
-                       state=state, wall=0.0)
-    rundir.write_json_atomic(rundir.path(run.model_dir, rundir.SUMMARY_FILE), summary)
+    summary = _summary(run, datasets, policy, dist, model, status="running", state=state, wall=0.0)
+    rundir.write_json_atomic(rundir.path(write_dir, rundir.SUMMARY_FILE), summary)
 
+    runner = loop_lib.Loop(model, strategy, label_smoothing=t.label_smoothing)
+    train_dist, val_dist = runner.distribute(train_ds), runner.distribute(val_ds)
+    callback_list = loop_lib.callback_list(callbacks, model=model, epochs=epochs, steps=steps_per_epoch,
+                                           verbose=verbose)
+    model.stop_training = False
     loaded = not run.resume
-    for phase in phases:
-        if phase.end <= state["epochs_done"]:
-            continue
-        with strategy.scope():
-            set_backbone_trainable(model, not phase.freeze_backbone)
-            lr = schedule_for(t, phase.optimizer, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                              start_epoch=phase.start, hyperrule=hyperrule)
-            multiplier = 1.0 if phase.freeze_backbone else t.backbone_lr_multiplier
-            optimizer = make_optimizer(phase.optimizer, lr, backbone_lr_multiplier=multiplier,
-                                       head_variable_paths=head_variable_paths(model))
-            compile_model(model, optimizer, t)
-            if not loaded:
-                model.optimizer.build(model.trainable_variables)
-                model.load_weights(os.path.join(ckpt_dir, rundir.LAST_CHECKPOINT))
-                loaded = True
-        model.fit(train_ds, validation_data=val_ds, epochs=phase.end,
-                  initial_epoch=max(phase.start, state["epochs_done"]),
-                  steps_per_epoch=t.steps_per_epoch, callbacks=callbacks, verbose=verbose)
-        state = checkpoint.state
-        if checkpoint.diverged_at:
-            break
+    logs = None
+    started = False
+    try:
+        for phase in phases:
+            if phase.end <= state["epochs_done"]:
+                continue
+            with strategy.scope():
+                set_backbone_trainable(model, not phase.freeze_backbone)
+                lr = schedule_for(t, phase.optimizer, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                                  start_epoch=phase.start, hyperrule=hyperrule, lr_scale=dist["lr_scale"])
+                multiplier = 1.0 if phase.freeze_backbone else t.backbone_lr_multiplier
+                optimizer = make_optimizer(phase.optimizer, lr, backbone_lr_multiplier=multiplier,
+                                           head_variable_paths=head_variable_paths(model))
+                if policy == "mixed_float16":  # dynamic loss scaling (compile would add it too)
+                    optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+                # The loop trains; compile attaches the optimizer (saved in checkpoints, read by
+                # callbacks) and any steps_per_execution the loop should honour.
+                compile_model(model, optimizer, t)
+                if not loaded:
+                    model.optimizer.build(model.trainable_variables)
+                    model.load_weights(os.path.join(ckpt_dir, rundir.LAST_CHECKPOINT))
+                    loaded = True
+            runner.set_optimizer(model.optimizer)
+            if not started:
+                callback_list.on_train_begin()
+                started = True
+            for epoch in range(max(phase.start, state["epochs_done"]), phase.end):
+                logs = runner.train_epoch(epoch, train_dist, callbacks=callback_list,
+                                          steps_per_epoch=steps_per_epoch, validation=val_dist,
+                                          validation_steps=loop_lib.steps_of(val_ds),
+                                          repeat=bool(t.steps_per_epoch))
+                if model.stop_training:
+                    break
+            model.optimizer.finalize_variable_values(model.trainable_variables)
+            state = checkpoint.state
+            if checkpoint.diverged_at or model.stop_training:
+                break
+        if started:
+            callback_list.on_train_end(logs)
+    except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.DeadlineExceededError):
+        if role.num_workers > 1:
+            print(f"error: a task of the {role.num_workers}-worker cluster failed; restart every task "
+                  f"with --resume to continue after epoch {checkpoint.state['epochs_done']}.",
+                  file=sys.stderr, flush=True)
+        raise
+    state = checkpoint.state
 
     status = "diverged" if checkpoint.diverged_at else "completed"
     test_loss = test_acc = None
-    best_path = os.path.join(ckpt_dir, rundir.BEST_CHECKPOINT)
-    if datasets.test is not None and os.path.exists(best_path):
+    best_path = rundir.path(write_dir, rundir.CHECKPOINT_DIR, rundir.BEST_CHECKPOINT)
+    if datasets.test is not None and state["best_epoch"] is not None and os.path.exists(best_path):
         _load_model_weights(model, best_path)
-        compile_model(model, keras.optimizers.SGD(), t)
-        test_loss, test_acc = (float(v) for v in model.evaluate(_one_hot(datasets.test, num_classes), verbose=0))
-    summary = _summary(run, datasets, policy, strategy_name, model, status=status, state=state,
+        test_ds = _one_hot(datasets.test, num_classes)
+        test = runner.evaluate(runner.distribute(test_ds), steps=loop_lib.steps_of(test_ds))
+        test_loss, test_acc = test["loss"], test["accuracy"]
+    summary = _summary(run, datasets, policy, dist, model, status=status, state=state,
                        wall=time.time() - wall_start, test=(test_loss, test_acc))
-    rundir.write_json_atomic(rundir.path(run.model_dir, rundir.SUMMARY_FILE), summary)
+    rundir.write_json_atomic(rundir.path(write_dir, rundir.SUMMARY_FILE), summary)
     if checkpoint.diverged_at:
         raise TrainingDiverged(
             f"Loss became NaN or infinite in epoch {checkpoint.diverged_at}; training stopped. "
             f"The best checkpoint (epoch {state['best_epoch']}) is kept in {ckpt_dir}. "
             "Lower --learning_rate or add --warmup_epochs.")
-    print(f"run directory: {run.model_dir}", flush=True)
+    if role.is_chief:
+        print(f"run directory: {run.model_dir}", flush=True)
     return TrainResult(run.model_dir, status, state["epochs_done"], state["best_epoch"],
-                       state["best_value"], monitor, test_loss, test_acc, policy, summary)
+                       state["best_value"], monitor, test_loss, test_acc, policy, summary,
+                       is_chief=role.is_chief)
 
 
 def _load_model_weights(model, filename):
@@ -331,17 +453,17 @@ def _load_model_weights(model, filename):
     model.set_weights(saved.get_weights())
 
 
-def _write_run_files(run: cfg.RunConfig, datasets):
+def _write_run_files(run: cfg.RunConfig, datasets, write_dir: str):
     if run.resume:
         return
     if run.flags_text:
-        rundir.write_text_atomic(rundir.path(run.model_dir, rundir.FLAGS_FILE), run.flags_text)
-    rundir.write_json_atomic(rundir.path(run.model_dir, rundir.CONFIG_FILE), cfg.to_dict(run))
-    rundir.write_text_atomic(rundir.path(run.model_dir, rundir.LABELS_FILE),
+        rundir.write_text_atomic(rundir.path(write_dir, rundir.FLAGS_FILE), run.flags_text)
+    rundir.write_json_atomic(rundir.path(write_dir, rundir.CONFIG_FILE), cfg.to_dict(run))
+    rundir.write_text_atomic(rundir.path(write_dir, rundir.LABELS_FILE),
                              "\n".join(datasets.class_names) + "\n")
 
 
-def _summary(run, datasets, policy, strategy_name, model, *, status, state, wall, test=(None, None)):
+def _summary(run, datasets, policy, dist, model, *, status, state, wall, test=(None, None)):
     return {
         "status": status,
         "model": run.model.name,
@@ -357,7 +479,7 @@ def _summary(run, datasets, policy, strategy_name, model, *, status, state, wall
         "test_accuracy": test[1],
         "wall_seconds": round(wall, 2),
         "precision": policy,
-        "strategy": strategy_name,
+        **dist,
         "device": precision.device_description(),
         "tensorflow": tf.__version__,
         "keras": keras.__version__,

@@ -141,3 +141,70 @@ class ZeroPadShortcut(keras.layers.Layer):
         config = super().get_config()
         config.update(filters=self.filters, stride=self.stride)
         return config
+
+
+# ---------------------------------------------------------------------------
+# Backend dispatch: the ONE place where model code reaches a backend kernel.
+#
+# Keras 3's BatchNormalization computes batch statistics with `ops.moments`
+# and normalizes with elementwise ops on every backend. On TensorFlow that is
+# ~10 ops forward and more backward, each a pass over the activation tensor;
+# tf_keras used TensorFlow's fused kernel (FusedBatchNormV3 and its gradient),
+# one pass each way. `FusedBatchNormalization` below takes that kernel for
+# the training-mode case on the TensorFlow backend and falls back to the
+# Keras computation everywhere else (other backends, inference, masks,
+# renorm, synchronized BN, non-4D inputs), so the architecture still runs on
+# any Keras backend. See BENCHMARKS.md for the measured effect.
+
+def _tf_fused_batch_norm_training(x, gamma, beta, epsilon: float):
+    """TensorFlow's fused training-mode batch norm over N, H, W of an NHWC float32 `x`.
+
+    Returns `(y, mean, variance)` with the *biased* batch variance (what
+    `ops.moments` returns), converted from the kernel's Bessel-corrected one.
+    """
+    import tensorflow as tf  # only reached with the TensorFlow backend
+
+    empty = tf.constant([], dtype=tf.float32)
+    # The raw op keeps `epsilon` exact (tf.compat.v1.nn.fused_batch_norm raises it to 1.001e-5).
+    y, mean, unbiased_variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+        x=x, scale=gamma, offset=beta, mean=empty, variance=empty, epsilon=epsilon,
+        exponential_avg_factor=1.0, data_format="NHWC", is_training=True)
+    shape = tf.shape(x)
+    count = tf.cast(shape[0] * shape[1] * shape[2], tf.float32)
+    variance = unbiased_variance * ((count - 1.0) / tf.maximum(count, 1.0))
+    return y, mean, variance
+
+
+@keras.saving.register_keras_serializable(package="pipeline")
+class FusedBatchNormalization(keras.layers.BatchNormalization):
+    """`keras.layers.BatchNormalization` that trains with the backend's fused kernel.
+
+    Same arguments, weights, config and results as the Keras layer (outputs,
+    gradients and moving-statistics updates agree to float32 round-off; the
+    moving variance is updated with the biased batch variance, as Keras does).
+    Only the training-mode computation of channels-last 4-D inputs on the
+    TensorFlow backend differs: it runs TensorFlow's FusedBatchNormV3 kernel
+    (see the dispatch note above). Everything else is the Keras layer's code.
+    """
+
+    def _can_fuse(self, inputs, training, mask) -> bool:
+        return (bool(training) and self.trainable and mask is None
+                and keras.backend.backend() == "tensorflow"
+                and len(inputs.shape) == 4 and self.axis in (3, -1)
+                and not self.renorm and not self.synchronized)
+
+    def call(self, inputs, training=None, mask=None):
+        if not self._can_fuse(inputs, training, mask):
+            return super().call(inputs, training=training, mask=mask)
+        # As the Keras layer: statistics and normalization in float32.
+        x = ops.cast(inputs, "float32")
+        channels = inputs.shape[-1]
+        gamma = ops.cast(self.gamma, "float32") if self.scale else ops.ones((channels,), "float32")
+        beta = ops.cast(self.beta, "float32") if self.center else ops.zeros((channels,), "float32")
+        outputs, mean, variance = _tf_fused_batch_norm_training(x, gamma, beta, self.epsilon)
+        moving_mean = ops.cast(self.moving_mean, "float32")
+        moving_variance = ops.cast(self.moving_variance, "float32")
+        self.moving_mean.assign(moving_mean * self.momentum + mean * (1.0 - self.momentum))
+        self.moving_variance.assign(
+            moving_variance * self.momentum + variance * (1.0 - self.momentum))
+        return ops.cast(outputs, self.compute_dtype)

@@ -25,7 +25,7 @@ from typing import Sequence
 
 import keras
 
-from pipeline.models.layers import Normalize, ZeroPadShortcut
+from pipeline.models.layers import FusedBatchNormalization, Normalize, ZeroPadShortcut
 from pipeline.models.registry import register_model
 
 # PyTorch's BatchNorm2d defaults (its momentum=0.1 is Keras momentum=0.9), so
@@ -158,8 +158,13 @@ def conv(x, filters: int, kernel_size: int, strides: int = 1, *, name: str):
 
 
 def batch_norm(x, *, name: str):
-    """BatchNormalization with PyTorch-equivalent momentum and epsilon."""
-    return keras.layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name)(x)
+    """BatchNormalization with PyTorch-equivalent momentum and epsilon.
+
+    `FusedBatchNormalization` is `keras.layers.BatchNormalization` with the same
+    results that trains with TensorFlow's fused kernel on that backend
+    (see `pipeline.models.layers` and BENCHMARKS.md).
+    """
+    return FusedBatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name)(x)
 
 
 def bn_relu(x, *, name: str):
