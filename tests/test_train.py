@@ -107,7 +107,7 @@ def test_killed_run_resumes_with_each_epoch_once(tmp_path):
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_best(tmp_path):
     model_dir = str(tmp_path / "nan")
-    proc = run_cli("train", *FAST, "--epochs=3", "--optimizer=sgd", "--learning_rate=0.01",
+    proc = run_cli("train", *FAST, "--epochs=3", "--steps_per_epoch=3", "--optimizer=sgd", "--learning_rate=0.01",
                    "--switch_optimizer_epoch=1", "--second_optimizer=sgd", "--second_learning_rate=1e30",
                    "--schedule=constant", f"--model_dir={model_dir}", check=False)
     assert proc.returncode == 1
