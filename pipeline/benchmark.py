@@ -28,7 +28,15 @@ import json
 import os
 import sys
 
-from absl import app, flags
+# TensorFlow turns its oneDNN kernels on by default only on CPUs with
+# AVX512-VNNI/BF16 or AMX; on AVX2-only CPUs (e.g. AMD Zen 3) they are off,
+# although they train ResNet-20 faster there too (BENCHMARKS.md). The switch is
+# read once, when TensorFlow is imported, so it is set here, first. An explicit
+# TF_ENABLE_ONEDNN_OPTS in the environment wins (=0 measures the Eigen kernels).
+# The same line belongs at the top of pipeline/__init__.py so training gets it.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
+from absl import app, flags  # noqa: E402
 
 WHATS = ("train", "input", "predict", "all", "bit_native_vs_savedmodel")
 FLAGS = flags.FLAGS

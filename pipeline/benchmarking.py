@@ -88,10 +88,20 @@ def machine_info() -> dict:
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
+        "onednn_enabled": _onednn_enabled(),
         "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
         "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
         "python": platform.python_version(),
     }
+
+
+def _onednn_enabled() -> Optional[bool]:
+    """Whether TensorFlow runs its oneDNN kernels in this process (None if it cannot tell)."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port  # private, informational only
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):
+        return None
 
 
 def stamp(result: dict) -> dict:
@@ -243,6 +253,8 @@ def summarize_steps(steps: int, seconds: float, per_step: Sequence[float], batch
         "images_per_second": round(steps * batch_size / seconds, 1),
         "images_per_second_median_step": round(batch_size / median, 1),
         "step_ms_median": round(median * 1e3, 2),
+        "step_ms_min": round(min(per_step) * 1e3, 2),
+        "step_ms_max": round(max(per_step) * 1e3, 2),
     }
 
 
