@@ -11,6 +11,7 @@ import numbers
 from typing import Sequence
 
 import keras
+import numpy as np
 from keras import ops
 
 # Used when the caller gives no dataset statistics. Inputs are float32 RGB in
@@ -121,13 +122,23 @@ class ZeroPadShortcut(keras.layers.Layer):
         super().build(input_shape)
 
     def call(self, inputs):
+        channels = inputs.shape[-1]
+        if self.stride == 1 and channels == self.filters:
+            return inputs
+        if channels is not None:
+            # The same values as slicing and padding, as one 1x1 convolution with a
+            # constant 0/1 kernel (identity on the input channels, zeros after):
+            # x * 1 + sum(other * 0) is exact for finite inputs. On TensorFlow
+            # (oneDNN) the convolution and its input gradient take ~6 ms per
+            # step at batch 128 where StridedSlice + Pad + StridedSliceGrad took
+            # ~21 ms (BENCHMARKS.md). No weight: nothing is trained or saved.
+            kernel = np.eye(channels, self.filters, dtype="float32")[None, None]
+            return ops.conv(inputs, ops.cast(kernel, inputs.dtype), strides=self.stride,
+                            padding="valid")
         x = inputs
         if self.stride > 1:
             x = x[:, ::self.stride, ::self.stride, :]
-        extra = self.filters - inputs.shape[-1]
-        if extra > 0:
-            x = ops.pad(x, [[0, 0], [0, 0], [0, 0], [0, extra]])
-        return x
+        return ops.pad(x, [[0, 0], [0, 0], [0, 0], [0, self.filters - channels]])
 
     def compute_output_shape(self, input_shape):
         batch, height, width, _ = input_shape
@@ -155,6 +166,21 @@ class ZeroPadShortcut(keras.layers.Layer):
 # Keras computation everywhere else (other backends, inference, masks,
 # renorm, synchronized BN, non-4D inputs), so the architecture still runs on
 # any Keras backend. See BENCHMARKS.md for the measured effect.
+#
+# The fused kernel is taken only where it was measured faster: with
+# TensorFlow's oneDNN kernels on (TF_ENABLE_ONEDNN_OPTS=1, TensorFlow's own
+# default on AVX512/AMX CPUs). With the plain Eigen kernels, FusedBatchNormV3
+# trained ResNet-20 slower than Keras's elementwise ops on a 2-core Zen 3.
+
+_fused_batch_norm: list = []  # the answer, once known (fixed for the process)
+
+
+def fused_batch_norm_enabled() -> bool:
+    """Whether `FusedBatchNormalization` trains with TensorFlow's fused kernel in this process."""
+    if not _fused_batch_norm:
+        _fused_batch_norm.append(keras.backend.backend() == "tensorflow" and _tf_onednn_enabled())
+    return _fused_batch_norm[0]
+
 
 def _tf_fused_batch_norm_training(x, gamma, beta, epsilon: float):
     """TensorFlow's fused training-mode batch norm over N, H, W of an NHWC float32 `x`.
@@ -175,6 +201,15 @@ def _tf_fused_batch_norm_training(x, gamma, beta, epsilon: float):
     return y, mean, variance
 
 
+def _tf_onednn_enabled() -> bool:
+    """Whether TensorFlow runs its oneDNN kernels (read once, at TensorFlow's import)."""
+    try:  # the flag TensorFlow's own test utilities read
+        from tensorflow.python.util import _pywrap_util_port
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):
+        return False
+
+
 @keras.saving.register_keras_serializable(package="pipeline")
 class FusedBatchNormalization(keras.layers.BatchNormalization):
     """`keras.layers.BatchNormalization` that trains with the backend's fused kernel.
@@ -183,13 +218,14 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
     gradients and moving-statistics updates agree to float32 round-off; the
     moving variance is updated with the biased batch variance, as Keras does).
     Only the training-mode computation of channels-last 4-D inputs on the
-    TensorFlow backend differs: it runs TensorFlow's FusedBatchNormV3 kernel
-    (see the dispatch note above). Everything else is the Keras layer's code.
+    TensorFlow backend with oneDNN on differs: it runs TensorFlow's
+    FusedBatchNormV3 kernel (see the dispatch note above). Everything else is
+    the Keras layer's code.
     """
 
     def _can_fuse(self, inputs, training, mask) -> bool:
         return (bool(training) and self.trainable and mask is None
-                and keras.backend.backend() == "tensorflow"
+                and fused_batch_norm_enabled()
                 and len(inputs.shape) == 4 and self.axis in (3, -1)
                 and not self.renorm and not self.synchronized)
 
