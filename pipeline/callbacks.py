@@ -123,7 +123,7 @@ class RunCheckpoint(keras.callbacks.Callback):
         rundir.save_model_atomic(self.model, self.last_path)
         best = self.state.get("best_value")
         if value is not None and (best is None or float(value) >= best):
-            rundir.save_model_atomic(self.model, self.best_path)
+            rundir.copy_atomic(self.last_path, self.best_path)  # the same model: no second save
             self.state.update(best_value=float(value), best_epoch=number)
         self.metrics.append({"epoch": number, **logs})
         self.state["epochs_done"] = number

@@ -19,6 +19,7 @@ import datetime
 import json
 import os
 import re
+import shutil
 import tempfile
 
 METRIC_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr",
@@ -89,6 +90,18 @@ def save_model_atomic(model, filename: str) -> None:
     tmp = os.path.join(directory, f".tmp-{os.getpid()}-{os.path.basename(filename)}")
     try:
         model.save(tmp)
+        os.replace(tmp, filename)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def copy_atomic(source: str, filename: str) -> None:
+    """Copy `source` to a temp file beside `filename`, then rename over it."""
+    tmp = os.path.join(os.path.dirname(filename), f".tmp-{os.getpid()}-{os.path.basename(filename)}")
+    try:
+        shutil.copyfile(source, tmp)
         os.replace(tmp, filename)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -213,7 +213,8 @@ class TrainResult:
     is_chief: bool = True
 
 
-def _seed_everything(t: cfg.TrainConfig):
+def seed_everything(t: cfg.TrainConfig):
+    """Seed Keras/NumPy/Python (and op determinism); shared with the tuner's build(hp)."""
     keras.utils.set_random_seed(t.seed)
     if t.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -290,7 +291,7 @@ def _train(run, strategy, strategy_name, role, write_dir, *, datasets, model, ex
            wall_start) -> TrainResult:
     """`train` after the strategy and the directory this task writes are known."""
     t = run.train
-    _seed_everything(t)
+    seed_everything(t)
     policy = precision.apply_precision(t.precision)
     replicas = strategy.num_replicas_in_sync
     batch = run.data.batch_size

@@ -36,7 +36,6 @@ from typing import Any, Mapping, Optional, Sequence
 
 import keras
 import keras_tuner as kt
-import tensorflow as tf
 
 from pipeline import config as cfg
 from pipeline import data as data_lib
@@ -579,9 +578,7 @@ class PipelineHyperModel(kt.HyperModel):
         values = self.space.declare(hp)
         run = self.trial_run_config(values, execution=self.context.execution)
         t = run.train
-        keras.utils.set_random_seed(t.seed)
-        if t.deterministic:
-            tf.config.experimental.enable_op_determinism()
+        training.seed_everything(t)
         precision.apply_precision(t.precision)
         strategy, name = distribute.resolve_strategy(t.strategy, tpu=t.tpu)  # cached: train uses the same
         try:
