@@ -17,8 +17,9 @@ notebooks and the command share one implementation:
   export written by `pipeline.export.export_model`, timed by
   `pipeline.serving_bench.measure` (the loaded SavedModel signature).
 * `measure_bit_native_vs_savedmodel`: training steps of the native Keras BiT
-  model against the same weights saved as a SavedModel and wrapped in a
-  trainable `keras.layers.TFSMLayer` plus the same Dense head.
+  model against the same weights in a TF-Hub-layout module of the authors'
+  forward pass, wrapped in a trainable `keras.layers.TFSMLayer` plus the
+  same Dense head.
 
 Each result carries `peak_rss_mb`, the peak resident memory of the process so
 far (`resource.getrusage`), and the 1-minute load average when it was taken:
@@ -445,33 +446,21 @@ def measure_predict(*, model: str = "resnet20", image_size: Optional[int] = None
 # ----------------------------------------------------------------------------- BiT native vs SavedModel
 
 
-def save_features_module(features: "keras.Model", path: str) -> str:
-    """Save a float32 features model as a TF-Hub-style SavedModel: a tf.Module whose
-    `__call__(images)` returns the features, with its variables (trainable ones
-    marked) tracked, as `hub:` models load it (`TFSMLayer(call_endpoint="__call__")`)."""
-    import tensorflow as tf
-    module = tf.Module()
-    module.variables_ = list(features.variables)  # noqa: attribute tracked by the Module
-    module.trainable_variables_ = list(features.trainable_variables)
-    height, width = features.input_shape[1:3]
-
-    @tf.function(input_signature=[tf.TensorSpec([None, height, width, 3], tf.float32)])
-    def call(images):
-        return features(images, training=False)
-
-    module.__call__ = call
-    tf.saved_model.save(module, path)
-    return path
-
-
 def measure_bit_native_vs_savedmodel(*, model: str = "bit_m_r50x1", batch_size: int = 32,
                                      image_size: int = 128, precision: str = "auto",
                                      steps: int = 10, warmup_steps: int = 3) -> list[dict]:
     """Training steps of the native Keras BiT model vs the same weights as a SavedModel layer.
 
-    Both go through `training.train` with the same data (in-memory `bit` crops),
-    the same zero-initialized Dense head and the same optimizer. The native
-    model computes under `precision`; the SavedModel, as saved, in float32.
+    The SavedModel is what a user would otherwise fine-tune: a TF-Hub-layout
+    module computing the BiT authors' forward pass
+    (`pipeline.models.bit_reference`, random weights under the authors'
+    names). The native model loads its weights from that module through the
+    TF-Hub path (`create_model(model, weights=<module dir>)`, self-check
+    included); the other is `hub:<module dir>`, the module wrapped as a
+    trainable `TFSMLayer`. Both then go through `training.train` with the same
+    data (in-memory `bit` crops), a zero-initialized Dense head and the same
+    optimizer. The native model computes under `precision`; the module, as
+    saved, in float32.
 
     Returns:
       [native result, SavedModel result, ratio line].
@@ -481,23 +470,24 @@ def measure_bit_native_vs_savedmodel(*, model: str = "bit_m_r50x1", batch_size: 
     from pipeline import precision as precision_lib
     from pipeline import training
     from pipeline.models import bit as bit_lib
-    from pipeline.models import create_model
+    from pipeline.models import bit_reference, create_model
 
+    arch = bit_lib.arch_of(model)
     results = []
     with _tempdir("pipeline-bench-bit-") as tmp:
         keras.mixed_precision.set_global_policy("float32")
-        keras.utils.set_random_seed(0)
-        reference = create_model(model, num_classes=10, image_size=image_size)
-        saved = save_features_module(bit_lib.bit_features(reference), os.path.join(tmp, "features"))
+        module = bit_reference.save_hub_module(
+            os.path.join(tmp, "module"), bit_reference.random_weights(arch.depths, arch.width),
+            arch.depths)
         for kind in ("native", "savedmodel"):
             policy = precision_lib.apply_precision(precision if kind == "native" else "float32")
+            keras.utils.set_random_seed(0)
             if kind == "native":
-                net = create_model(model, num_classes=10, image_size=image_size)
-                net.set_weights(reference.get_weights())
+                net = create_model(model, num_classes=10, image_size=image_size, weights=module)
                 name = model
             else:
-                net = create_model(f"hub:{saved}", num_classes=10, image_size=image_size)
-                name = f"hub:{saved}"
+                name = f"hub:{module}"
+                net = create_model(name, num_classes=10, image_size=image_size)
             timer = StepTimer(warmup_steps)
             run = train_run_config(os.path.join(tmp, f"run_{kind}"), model=name,
                                    batch_size=batch_size, image_size=image_size,

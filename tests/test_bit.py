@@ -2,8 +2,8 @@
 
 The weight-mapping tests do not re-save the native Keras model. They write
 weights the way the BiT authors publish them, from an independent plain-TF
-reference of the authors' forward pass (`_reference_forward`, written from
-bit_tf2/models.py + normalization.py: WS eps 1e-10, GN 32 groups eps 1e-5,
+reference of the authors' forward pass (`pipeline.models.bit_reference`, written
+from bit_tf2/models.py + normalization.py, sharing no code with `bit.py`: WS eps 1e-10, GN 32 groups eps 1e-5,
 pad-then-VALID convs, projection on the pre-activated input):
   * a TF-Hub-style SavedModel (`tf.Module`-like object with `variables` named
     `resnet/...:0` and a `__call__` returning pooled features), and
@@ -23,7 +23,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_hub as hub
 
-from pipeline.models import bit, create_model, get_spec, hub_io, list_models
+from pipeline.models import bit, bit_reference, create_model, get_spec, hub_io, list_models
 from pipeline.models.hub_io import WeightsError
 
 SMALL = (2, 2, 1, 1)  # every block projects once; blocks 1-2 also have identity units
@@ -34,112 +34,20 @@ OFFLINE = "--weights=<path to a SavedModel dir or .npz>"
 
 # --------------------------------------------------------------------------- reference
 
-def _reference_params(depths, width, *, seed=0, num_classes=0):
-    """Random weights under the authors' variable names (kernels HWIO)."""
-    rng = np.random.RandomState(seed)
-    base = int(64 * width)
-    params = {}
-
-    def conv(key, shape):  # non-zero mean so the standardization matters
-        params[f"{key}/standardized_conv2d/kernel"] = rng.normal(0.05, 0.3, shape).astype("f4")
-
-    def norm(key, channels):
-        params[f"{key}/group_norm/gamma"] = rng.uniform(0.5, 1.5, channels).astype("f4")
-        params[f"{key}/group_norm/beta"] = rng.normal(0.0, 0.2, channels).astype("f4")
-
-    conv("resnet/root_block", (7, 7, 3, base))
-    cin = base
-    for b, units in enumerate(depths, start=1):
-        mid = base * 2 ** (b - 1)
-        for u in range(1, units + 1):
-            key = f"resnet/block{b}/unit{u:02d}"
-            norm(f"{key}/a", cin)
-            conv(f"{key}/a", (1, 1, cin, mid))
-            if u == 1:
-                conv(f"{key}/a/proj", (1, 1, cin, 4 * mid))
-            norm(f"{key}/b", mid)
-            conv(f"{key}/b", (3, 3, mid, mid))
-            norm(f"{key}/c", mid)
-            conv(f"{key}/c", (1, 1, mid, 4 * mid))
-            cin = 4 * mid
-    norm("resnet", cin)
-    if num_classes:
-        kernel = rng.normal(0, 0.05, (1, 1, cin, num_classes))
-        params["resnet/head/conv2d/kernel"] = kernel.astype("f4")
-        params["resnet/head/conv2d/bias"] = rng.normal(0, 0.05, num_classes).astype("f4")
-    return params
-
-
-def _reference_forward(p, images, depths, *, swap=None):
-    """The authors' BiT forward pass in plain TF; `p[name]` -> tensor. Returns features.
-
-    `swap` maps a variable name to the one actually used in its place (to fake
-    a module whose variable names lie about their role).
-    """
-    get = (lambda k: p[swap.get(k, k)]) if swap else (lambda k: p[k])
-
-    def ws_conv(x, key, stride=1, pad=0):
-        kernel = get(f"{key}/standardized_conv2d/kernel")
-        mean, var = tf.nn.moments(kernel, axes=[0, 1, 2], keepdims=True)
-        kernel = (kernel - mean) / tf.sqrt(var + 1e-10)
-        if pad:
-            x = tf.pad(x, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
-        return tf.nn.conv2d(x, kernel, stride, "VALID")
-
-    def group_norm(x, key, groups=32, eps=1e-5):
-        shape = tf.shape(x)
-        channels = x.shape[-1]
-        g = tf.reshape(x, tf.concat([shape[:-1], [groups, channels // groups]], 0))
-        mean, var = tf.nn.moments(g, [1, 2, 4], keepdims=True)
-        gamma = tf.reshape(get(f"{key}/group_norm/gamma"), [groups, channels // groups])
-        beta = tf.reshape(get(f"{key}/group_norm/beta"), [groups, channels // groups])
-        g = tf.nn.batch_normalization(g, mean, var, beta, gamma, eps)
-        return tf.reshape(g, shape)
-
-    x = images * 2.0 - 1.0
-    x = ws_conv(x, "resnet/root_block", stride=2, pad=3)
-    x = tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]])
-    x = tf.nn.max_pool2d(x, 3, 2, "VALID")
-    for b, units in enumerate(depths, start=1):
-        for u in range(1, units + 1):
-            key = f"resnet/block{b}/unit{u:02d}"
-            stride = 2 if (u == 1 and b > 1) else 1
-            pre = tf.nn.relu(group_norm(x, f"{key}/a"))
-            shortcut = ws_conv(pre, f"{key}/a/proj", stride=stride) if u == 1 else x
-            y = ws_conv(pre, f"{key}/a")
-            y = ws_conv(tf.nn.relu(group_norm(y, f"{key}/b")), f"{key}/b", stride=stride, pad=1)
-            y = ws_conv(tf.nn.relu(group_norm(y, f"{key}/c")), f"{key}/c")
-            x = y + shortcut
-    x = tf.nn.relu(group_norm(x, "resnet"))
-    return tf.reduce_mean(x, axis=[1, 2])
-
-
-def _save_hub_module(path, params, depths, *, swap=None):
-    """Save `params` as a TF-Hub image feature-vector SavedModel (reusable-SavedModel style)."""
-    variables = {k: tf.Variable(v, name=k) for k, v in params.items()}
-    obj = tf.train.Checkpoint()
-    obj.variables = list(variables.values())
-    obj.trainable_variables = list(variables.values())
-    obj.__call__ = tf.function(
-        lambda images: _reference_forward(variables, images, depths, swap=swap),
-        input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
-    tf.saved_model.save(obj, str(path))
-    return str(path)
-
-
 def _images(n=3, size=SIZE, seed=1):
     return np.random.RandomState(seed).uniform(0, 1, (n, size, size, 3)).astype("f4")
 
 
 @pytest.fixture(scope="module")
 def params():
-    return _reference_params(SMALL, WIDTH, seed=0, num_classes=7)
+    return bit_reference.random_weights(SMALL, WIDTH, seed=0, num_classes=7)
 
 
 @pytest.fixture(scope="module")
 def hub_dir(tmp_path_factory, params):
     backbone = {k: v for k, v in params.items() if "/head/" not in k}
-    return _save_hub_module(tmp_path_factory.mktemp("bit_hub") / "module", backbone, SMALL)
+    return bit_reference.save_hub_module(tmp_path_factory.mktemp("bit_hub") / "module", backbone,
+                                         SMALL)
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +58,8 @@ def npz_path(tmp_path_factory, params):
 
 
 def _reference_features(params, images):
-    return _reference_forward({k: tf.constant(v) for k, v in params.items()},
-                              tf.constant(images), SMALL).numpy()
+    return bit_reference.features({k: tf.constant(v) for k, v in params.items()},
+                                  tf.constant(images), SMALL).numpy()
 
 
 # --------------------------------------------------------------------------- architecture
@@ -240,7 +148,7 @@ def test_corrupted_module_is_refused_by_the_self_check(tmp_path, params):
     # The module's forward uses b's GN scale where c's is named and vice versa:
     # names and shapes all match, only the computation reveals it.
     b, c = "resnet/block2/unit01/b/group_norm/gamma", "resnet/block2/unit01/c/group_norm/gamma"
-    path = _save_hub_module(tmp_path / "bad", backbone, SMALL, swap={b: c, c: b})
+    path = bit_reference.save_hub_module(tmp_path / "bad", backbone, SMALL, swap={b: c, c: b})
     with pytest.raises(WeightsError, match="Self-check failed") as info:
         bit.build_bit(depths=SMALL, width=WIDTH, num_classes=4, input_shape=(SIZE, SIZE, 3),
                       weights=path)
@@ -264,7 +172,7 @@ def test_missing_unmapped_and_misshaped_tensors_are_clear_errors(tmp_path, param
     wrong = dict(params)
     wrong["resnet/root_block/standardized_conv2d/kernel"] = np.ones((3, 3, 3, 64), "f4")
     assert "wrong shape" in attempt(wrong)
-    r50 = attempt(_reference_params((1, 1, 1, 1), 0.5))
+    r50 = attempt(bit_reference.random_weights((1, 1, 1, 1), 0.5))
     assert "depths (1, 1, 1, 1)" in r50 and "32 root filters" in r50
 
 

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from pipeline.models import create_model, list_models, registry
-from pipeline.models.layers import DEFAULT_MEAN, DEFAULT_STD, Normalize, ZeroPadShortcut
+from pipeline.models.layers import (DEFAULT_MEAN, DEFAULT_STD, FusedBatchNormalization,
+                                    GroupNormalization, Normalize, ZeroPadShortcut)
 
 FAMILIES = ("cifar_resnet", "resnet", "preact_resnet")
 MODEL_NAMES = [n for n in list_models() if registry.get_spec(n).family in FAMILIES]
@@ -287,6 +288,53 @@ def test_zero_pad_shortcut_subsamples_and_pads_channels():
     np.testing.assert_array_equal(out[..., :2], x[:, ::2, ::2, :])
     assert not out[..., 2:].any()
     assert ZeroPadShortcut.from_config(layer.get_config()).filters == 5
+
+
+def _outputs_and_gradients(layer, x, **call_kwargs):
+    """Outputs and the gradients of a non-trivial loss w.r.t. input and trainable weights."""
+    import tensorflow as tf
+    x = tf.convert_to_tensor(x)
+    weight = tf.random.stateless_normal(x.shape, seed=[1, 2])  # any loss whose gradient varies
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x, training=True)
+        loss = tf.reduce_sum(tf.cast(y, tf.float32) * weight)
+    grads = tape.gradient(loss, [x, *layer.trainable_weights])
+    return [np.asarray(t, dtype=np.float32) for t in (y, *grads)]
+
+
+@pytest.mark.parametrize("ours, keras_layer, options", [
+    (GroupNormalization, keras.layers.GroupNormalization, dict(groups=4, epsilon=1e-5)),
+    (GroupNormalization, keras.layers.GroupNormalization,
+     dict(groups=2, center=False, scale=False)),
+    (FusedBatchNormalization, keras.layers.BatchNormalization, dict(epsilon=1e-3)),
+])
+def test_fast_normalization_layers_match_keras(ours, keras_layer, options):
+    # Activations with a group mean 3 standard deviations from zero (the single-pass
+    # variance of GroupNormalization must still agree) and random affine weights.
+    x = 3.0 + np.random.default_rng(0).standard_normal((3, 5, 6, 16)).astype(np.float32)
+    fast, reference = ours(**options), keras_layer(**options)
+    fast.build(x.shape), reference.build(x.shape)
+    rng = np.random.default_rng(1)
+    weights = [rng.standard_normal(w.shape).astype(np.float32) for w in reference.weights]
+    if keras_layer is keras.layers.BatchNormalization:  # moving variance must stay positive
+        weights[-1] = np.abs(weights[-1]) + 0.5
+    fast.set_weights(weights), reference.set_weights(weights)
+
+    for got, want in zip(_outputs_and_gradients(fast, x), _outputs_and_gradients(reference, x)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    for got, want in zip(fast.get_weights(), reference.get_weights()):  # BN moving statistics
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert type(fast).from_config(fast.get_config()).get_config() == fast.get_config()
+
+
+def test_group_normalization_under_mixed_bfloat16_keeps_float32_statistics(mixed_bfloat16):
+    x = 3.0 + np.random.default_rng(0).standard_normal((2, 4, 4, 8)).astype(np.float32)
+    layer = GroupNormalization(groups=2)
+    y = layer(x)
+    assert keras.backend.standardize_dtype(y.dtype) == "bfloat16"
+    want = keras.layers.GroupNormalization(groups=2, dtype="float32")(x)
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(want), atol=0.05)
 
 
 def _without_backend_dispatch(source):

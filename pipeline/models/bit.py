@@ -60,6 +60,7 @@ import numpy as np
 from absl import logging
 from keras import ops
 
+from pipeline.models.layers import GroupNormalization
 from pipeline.models.registry import register_model
 
 GN_GROUPS = 32
@@ -152,6 +153,15 @@ BIT_ARCHS: dict[str, BitArch] = {
 BIT_UPSTREAMS: dict[str, int] = {"s": 1000, "m": 21843}
 
 
+def arch_of(model_name: str) -> BitArch:
+    """The `BitArch` of a registered BiT name (`bit_m_r50x1` -> R50x1)."""
+    key = model_name.rsplit("_", 1)[-1]
+    if not model_name.startswith("bit_") or key not in BIT_ARCHS:
+        raise ValueError(f"{model_name!r} is not a BiT model name (bit_{{s,m}}_"
+                         f"{{{','.join(BIT_ARCHS)}}}).")
+    return BIT_ARCHS[key]
+
+
 def _root_filters(width: float) -> int:
     filters = 64 * width
     if filters != int(filters) or int(filters) % GN_GROUPS:
@@ -204,19 +214,19 @@ def _unit_name(block: int, unit: int) -> str:
 def _unit(x, *, name: str, mid: int, stride: int, project: bool, dtype):
     """One pre-activation bottleneck unit (GN-ReLU-conv x3 + shortcut)."""
     gn = dict(groups=GN_GROUPS, epsilon=GN_EPSILON, dtype=dtype)
-    pre = keras.layers.GroupNormalization(name=f"{name}_a_gn", **gn)(x)
+    pre = GroupNormalization(name=f"{name}_a_gn", **gn)(x)
     pre = keras.layers.ReLU(name=f"{name}_a_relu", dtype=dtype)(pre)
     shortcut = x
     if project:
         shortcut = StandardizedConv2D(4 * mid, 1, strides=stride, padding="valid",
                                       name=f"{name}_a_proj", dtype=dtype)(pre)
     y = StandardizedConv2D(mid, 1, padding="valid", name=f"{name}_a_conv", dtype=dtype)(pre)
-    y = keras.layers.GroupNormalization(name=f"{name}_b_gn", **gn)(y)
+    y = GroupNormalization(name=f"{name}_b_gn", **gn)(y)
     y = keras.layers.ReLU(name=f"{name}_b_relu", dtype=dtype)(y)
     y = keras.layers.ZeroPadding2D(1, name=f"{name}_b_pad", dtype=dtype)(y)
     y = StandardizedConv2D(mid, 3, strides=stride, padding="valid", name=f"{name}_b_conv",
                            dtype=dtype)(y)
-    y = keras.layers.GroupNormalization(name=f"{name}_c_gn", **gn)(y)
+    y = GroupNormalization(name=f"{name}_c_gn", **gn)(y)
     y = keras.layers.ReLU(name=f"{name}_c_relu", dtype=dtype)(y)
     y = StandardizedConv2D(4 * mid, 1, padding="valid", name=f"{name}_c_conv", dtype=dtype)(y)
     return keras.layers.Add(name=f"{name}_add", dtype=dtype)([y, shortcut])
@@ -242,7 +252,7 @@ def _assemble(*, depths, width, num_classes, input_shape, include_top, dtype, na
             x = _unit(x, name=_unit_name(b, u), mid=mid, stride=unit_stride, project=project,
                       dtype=dtype)
             cin = 4 * mid
-    x = keras.layers.GroupNormalization(groups=GN_GROUPS, epsilon=GN_EPSILON, name="pre_head_gn",
+    x = GroupNormalization(groups=GN_GROUPS, epsilon=GN_EPSILON, name="pre_head_gn",
                                         dtype=dtype)(x)
     x = keras.layers.ReLU(name="pre_head_relu", dtype=dtype)(x)
     x = keras.layers.GlobalAveragePooling2D(name="pool", dtype=dtype)(x)

@@ -154,6 +154,55 @@ class ZeroPadShortcut(keras.layers.Layer):
         return config
 
 
+@keras.saving.register_keras_serializable(package="pipeline")
+class GroupNormalization(keras.layers.GroupNormalization):
+    """`keras.layers.GroupNormalization` with statistics gathered per channel first.
+
+    Same arguments, weights (`gamma`, `beta`), config and results (to float32
+    round-off) as the Keras layer. Why it exists: Keras reshapes the input to
+    [N, H, W, G, C/G] and takes `ops.moments` over axes (1, 2, 4): a mean,
+    then a squared difference broadcast over the 5-D tensor and a second
+    strided reduction, and the same again backward. In BiT-R50 that was about
+    a fifth of a CPU training step. For channels-last 4-D inputs this layer
+    takes per-(sample, channel) sums of x and x**2 over H, W (contiguous
+    reductions over the big tensor), averages them over each group's C/G
+    channels (a tiny [N, G, C/G] tensor), and normalizes with a single
+    per-(sample, channel) multiply-add. The variance is E[x**2] - E[x]**2 in
+    float32 (clamped at 0): its error relative to the two-pass one is about
+    1e-7 * (1 + mean**2 / variance), far below the BiT self-check's 1e-4
+    tolerance for activations whose group means are not hundreds of standard
+    deviations from zero. Like Keras, statistics are computed in float32
+    under mixed precision. Other ranks and channels-first inputs use the
+    Keras computation.
+    """
+
+    def call(self, inputs):
+        if len(inputs.shape) != 4 or self.axis not in (-1, 3):
+            return super().call(inputs)
+        x = ops.cast(inputs, "float32")
+        channels = x.shape[-1]
+        size = channels // self.groups
+
+        def group_mean(per_channel):  # [N, C] -> [N, G, 1]
+            return ops.mean(ops.reshape(per_channel, (-1, self.groups, size)), axis=-1,
+                            keepdims=True)
+
+        mean = group_mean(ops.mean(x, axis=(1, 2)))
+        variance = ops.maximum(group_mean(ops.mean(ops.square(x), axis=(1, 2)))
+                               - ops.square(mean), 0.0)
+        scale = ops.rsqrt(variance + self.epsilon)  # [N, G, 1]
+        if self.scale:
+            scale = scale * ops.reshape(ops.cast(self.gamma, "float32"), (self.groups, size))
+        else:
+            scale = scale * ops.ones((self.groups, size), dtype="float32")
+        shift = -mean * scale  # [N, G, C/G]
+        if self.center:
+            shift = shift + ops.reshape(ops.cast(self.beta, "float32"), (self.groups, size))
+        outputs = (x * ops.reshape(scale, (-1, 1, 1, channels))
+                   + ops.reshape(shift, (-1, 1, 1, channels)))
+        return ops.cast(outputs, self.compute_dtype)
+
+
 # ---------------------------------------------------------------------------
 # Backend dispatch: the ONE place where model code reaches a backend kernel.
 #
