@@ -24,7 +24,7 @@ demo: $(VENV)/.installed
 	$(BIN)/python -m pipeline.train --flagfile=flags/quickstart.cfg
 
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
