@@ -71,6 +71,7 @@ def machine_info() -> dict:
     import tensorflow as tf
 
     from pipeline import precision
+    from pipeline.models.layers import tf_onednn_enabled
     flags = precision.cpu_flags()
     model = "unknown"
     try:
@@ -89,20 +90,11 @@ def machine_info() -> dict:
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
-        "onednn_enabled": _onednn_enabled(),
+        "onednn_enabled": tf_onednn_enabled(),
         "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
         "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
         "python": platform.python_version(),
     }
-
-
-def _onednn_enabled() -> Optional[bool]:
-    """Whether TensorFlow runs its oneDNN kernels in this process (None if it cannot tell)."""
-    try:
-        from tensorflow.python.util import _pywrap_util_port  # private, informational only
-        return bool(_pywrap_util_port.IsMklEnabled())
-    except (ImportError, AttributeError):
-        return None
 
 
 def stamp(result: dict) -> dict:
@@ -480,7 +472,8 @@ def measure_bit_native_vs_savedmodel(*, model: str = "bit_m_r50x1", batch_size: 
             os.path.join(tmp, "module"), bit_reference.random_weights(arch.depths, arch.width),
             arch.depths)
         for kind in ("native", "savedmodel"):
-            policy = precision_lib.apply_precision(precision if kind == "native" else "float32")
+            kind_precision = precision if kind == "native" else "float32"  # a SavedModel keeps float32
+            policy = precision_lib.apply_precision(kind_precision)
             keras.utils.set_random_seed(0)
             if kind == "native":
                 net = create_model(model, num_classes=10, image_size=image_size, weights=module)
@@ -491,7 +484,7 @@ def measure_bit_native_vs_savedmodel(*, model: str = "bit_m_r50x1", batch_size: 
             timer = StepTimer(warmup_steps)
             run = train_run_config(os.path.join(tmp, f"run_{kind}"), model=name,
                                    batch_size=batch_size, image_size=image_size,
-                                   precision=precision if kind == "native" else "float32",
+                                   precision=kind_precision,
                                    steps=steps, warmup_steps=warmup_steps, augment="bit")
             with contextlib.redirect_stdout(_Quiet()):
                 training.train(run, model=net, extra_callbacks=[timer])

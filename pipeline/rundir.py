@@ -83,30 +83,28 @@ def read_json(filename: str, default=None):
         return default
 
 
-def save_model_atomic(model, filename: str) -> None:
-    """`model.save` into a temp file beside `filename`, then rename over it."""
+def _replace_atomic(filename: str, write) -> None:
+    """`write(tmp)` a temp file beside `filename` (same extension), then rename it over `filename`."""
     directory = os.path.dirname(filename)
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".tmp-{os.getpid()}-{os.path.basename(filename)}")
     try:
-        model.save(tmp)
+        write(tmp)
         os.replace(tmp, filename)
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def save_model_atomic(model, filename: str) -> None:
+    """`model.save` into a temp file beside `filename`, then rename over it."""
+    _replace_atomic(filename, model.save)
 
 
 def copy_atomic(source: str, filename: str) -> None:
     """Copy `source` to a temp file beside `filename`, then rename over it."""
-    tmp = os.path.join(os.path.dirname(filename), f".tmp-{os.getpid()}-{os.path.basename(filename)}")
-    try:
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, filename)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    _replace_atomic(filename, lambda tmp: shutil.copyfile(source, tmp))
 
 
 def prepare(model_dir: str, *, resume: bool) -> None:

@@ -1,5 +1,6 @@
 """Shared helpers for tests that run the entry points as a user would."""
 import os
+import socket
 import subprocess
 import sys
 
@@ -23,6 +24,18 @@ def run_cli(verb, *args, timeout=600, check=True, env=None):
 def last_line(text):
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else ""
+
+
+def free_ports(n):
+    """`n` distinct localhost ports free right now (all bound at once, then released)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def make_image_folder(root, classes=("red", "green", "blue"), per_class=12, size=32, seed=0):

@@ -9,7 +9,6 @@ and two localhost clusters of two workers (one epoch; a killed worker).
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ import tensorflow as tf
 from pipeline import config as cfg
 from pipeline import data as data_lib
 from pipeline import distribute, loop, rundir, schedules, training
-from tests.helpers import REPO, last_line
+from tests.helpers import REPO, free_ports, last_line
 
 # --------------------------------------------------------------------------- pure rules
 
@@ -286,17 +285,6 @@ FAST_MW = ["--dataset=digits", "--model=resnet20", "--augment=none", "--verbose=
            "--noreport"]
 
 
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 class Cluster:
     """Two `python -m pipeline.train` workers on 127.0.0.1 with TF_CONFIG; killed on exit."""
 
@@ -306,7 +294,7 @@ class Cluster:
         self.worker_tmp.mkdir(exist_ok=True)
 
     def start(self, *args, workers=2):
-        cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(workers)]}
+        cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(workers)]}
         for i in range(workers):
             env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TMPDIR": str(self.worker_tmp),
                    "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})}

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ import pytest
 from pipeline import config as cfg
 from pipeline import rundir, training, tuning
 from pipeline.models import create_model
-from tests.helpers import REPO, last_line, run_cli
+from tests.helpers import REPO, free_ports, last_line, run_cli
 
 # Command-line twin of BASE below.
 TUNE_FLAGS = ["--dataset=digits", "--model=resnet20", "--batch_size=32", "--augment=none", "--image_size=16",
@@ -282,12 +281,6 @@ def test_cli_bad_hyperparameter_is_one_error_line(tmp_path):
 # ----------------------------------------------------------------------------- CLI
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 GRID_FLAGS = [f for f in TUNE_FLAGS if not f.startswith("--max_epochs_per_trial")] + [
     "--steps_per_epoch=8", "--learning_rate=0.05", "--seed=3", "--deterministic"]
 
@@ -301,7 +294,7 @@ def distributed_grid(tmp_path_factory):
            "--tune=optimizer,learning_rate", "--optimizer_choices=sgd,adam", "--learning_rate_range=0.01,0.1",
            f"--tune_dir={tune_dir}"]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "KERASTUNER_ORACLE_IP": "127.0.0.1",
-           "KERASTUNER_ORACLE_PORT": str(_free_port())}
+           "KERASTUNER_ORACLE_PORT": str(free_ports(1)[0])}
     logs = {role: open(tmp / f"{role}.log", "w+") for role in ("chief", "tuner0")}
     procs = {}
     try:

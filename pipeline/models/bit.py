@@ -252,8 +252,7 @@ def _assemble(*, depths, width, num_classes, input_shape, include_top, dtype, na
             x = _unit(x, name=_unit_name(b, u), mid=mid, stride=unit_stride, project=project,
                       dtype=dtype)
             cin = 4 * mid
-    x = GroupNormalization(groups=GN_GROUPS, epsilon=GN_EPSILON, name="pre_head_gn",
-                                        dtype=dtype)(x)
+    x = GroupNormalization(groups=GN_GROUPS, epsilon=GN_EPSILON, name="pre_head_gn", dtype=dtype)(x)
     x = keras.layers.ReLU(name="pre_head_relu", dtype=dtype)(x)
     x = keras.layers.GlobalAveragePooling2D(name="pool", dtype=dtype)(x)
     if include_top:

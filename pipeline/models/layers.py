@@ -8,7 +8,7 @@ They use `keras.ops` only (no `tf.*`) so the models run on any Keras backend.
 from __future__ import annotations
 
 import numbers
-from typing import Sequence
+from typing import Optional, Sequence
 
 import keras
 import numpy as np
@@ -190,14 +190,10 @@ class GroupNormalization(keras.layers.GroupNormalization):
         mean = group_mean(ops.mean(x, axis=(1, 2)))
         variance = ops.maximum(group_mean(ops.mean(ops.square(x), axis=(1, 2)))
                                - ops.square(mean), 0.0)
-        scale = ops.rsqrt(variance + self.epsilon)  # [N, G, 1]
-        if self.scale:
-            scale = scale * ops.reshape(ops.cast(self.gamma, "float32"), (self.groups, size))
-        else:
-            scale = scale * ops.ones((self.groups, size), dtype="float32")
-        shift = -mean * scale  # [N, G, C/G]
-        if self.center:
-            shift = shift + ops.reshape(ops.cast(self.beta, "float32"), (self.groups, size))
+        gamma = ops.cast(self.gamma, "float32") if self.scale else ops.ones((channels,), "float32")
+        beta = ops.cast(self.beta, "float32") if self.center else ops.zeros((channels,), "float32")
+        scale = ops.rsqrt(variance + self.epsilon) * ops.reshape(gamma, (self.groups, size))
+        shift = ops.reshape(beta, (self.groups, size)) - mean * scale  # [N, G, C/G]
         outputs = (x * ops.reshape(scale, (-1, 1, 1, channels))
                    + ops.reshape(shift, (-1, 1, 1, channels)))
         return ops.cast(outputs, self.compute_dtype)
@@ -227,7 +223,8 @@ _fused_batch_norm: list = []  # the answer, once known (fixed for the process)
 def fused_batch_norm_enabled() -> bool:
     """Whether `FusedBatchNormalization` trains with TensorFlow's fused kernel in this process."""
     if not _fused_batch_norm:
-        _fused_batch_norm.append(keras.backend.backend() == "tensorflow" and _tf_onednn_enabled())
+        _fused_batch_norm.append(keras.backend.backend() == "tensorflow"
+                                 and tf_onednn_enabled() is True)
     return _fused_batch_norm[0]
 
 
@@ -250,13 +247,14 @@ def _tf_fused_batch_norm_training(x, gamma, beta, epsilon: float):
     return y, mean, variance
 
 
-def _tf_onednn_enabled() -> bool:
-    """Whether TensorFlow runs its oneDNN kernels (read once, at TensorFlow's import)."""
+def tf_onednn_enabled() -> Optional[bool]:
+    """Whether TensorFlow runs its oneDNN kernels (read once, at TensorFlow's import);
+    None when this TensorFlow cannot tell. Also reported by `pipeline.benchmark`."""
     try:  # the flag TensorFlow's own test utilities read
         from tensorflow.python.util import _pywrap_util_port
         return bool(_pywrap_util_port.IsMklEnabled())
     except (ImportError, AttributeError):
-        return False
+        return None
 
 
 @keras.saving.register_keras_serializable(package="pipeline")
