@@ -43,8 +43,8 @@ FLAGS = flags.FLAGS
 
 
 def define_flags():
-    from pipeline import precision
-    from pipeline.augment import AUGMENTATIONS
+    from pipeline.training import precision
+    from pipeline.data.augment import AUGMENTATIONS
     flags.DEFINE_string("model", "resnet20", "A registered model name (see pipeline.models.list_models).")
     flags.DEFINE_integer("batch_size", 128, "Batch size of every measurement.", lower_bound=1)
     flags.DEFINE_integer("image_size", None, "Square input size (default: the model's own).",
@@ -69,7 +69,7 @@ def define_flags():
 
 def run(fv) -> list[dict]:
     """Run the measurements `fv.what` asks for, printing each JSON line as it is ready."""
-    from pipeline import benchmarking as bench
+    from pipeline.perf import benchmarks as bench
     from pipeline.models import get_spec, is_valid_model_name
     if not is_valid_model_name(fv.model):
         raise ValueError(f"Unknown --model={fv.model}.")
@@ -142,8 +142,8 @@ def main(argv):
     if len(argv) > 1:
         print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
         sys.exit(1)
-    from pipeline import flags_common
-    flags_common.run_cli(run, FLAGS)
+    from pipeline import cli
+    cli.run_cli(run, FLAGS)
 
 
 define_flags()

@@ -6,7 +6,9 @@ Prints test loss and accuracy and per-class accuracy, and writes
 
 from absl import app, flags
 
-from pipeline import flags_common, rundir, training
+from pipeline import cli
+from pipeline import rundir
+from pipeline import training
 
 flags.DEFINE_string("model_dir", None, "Run directory to evaluate.", required=True)
 flags.DEFINE_enum("split", "test", ["test", "val"], "Which split to evaluate.")
@@ -26,7 +28,7 @@ def run(argv):
 
 
 def main(argv):
-    flags_common.run_cli(run, argv)
+    cli.run_cli(run, argv)
 
 
 if __name__ == "__main__":

@@ -11,15 +11,16 @@ import dataclasses
 
 from absl import app, flags
 
-from pipeline import flags_common, training
+from pipeline import cli
+from pipeline import training
 from pipeline.models import get_spec
 
-flags_common.define_data_flags()
-flags_common.define_model_flags(default_model="bit_m_r50x1")
-flags_common.define_train_flags(schedule="hyperrule", learning_rate=None, epochs=10)
-flags_common.define_finetune_flags()
-flags_common.define_run_flags()
-flags_common.define_export_flags()
+cli.define_data_flags()
+cli.define_model_flags(default_model="bit_m_r50x1")
+cli.define_train_flags(schedule="hyperrule", learning_rate=None, epochs=10)
+cli.define_finetune_flags()
+cli.define_run_flags()
+cli.define_export_flags()
 FLAGS = flags.FLAGS
 FLAGS.set_default("augment", "bit")
 FLAGS.set_default("batch_size", 64)
@@ -32,7 +33,7 @@ NO_WEIGHTS = ("none", "random")
 
 def finetune_config(fv):
     """The train config plus fine-tuning defaults that depend on the chosen model."""
-    run = flags_common.run_config_from_flags(fv, "finetune")
+    run = cli.run_config_from_flags(fv, "finetune")
     weights = fv.weights
     if weights is None:
         weights = DEFAULT_WEIGHTS.get(get_spec(fv.model).family)
@@ -46,12 +47,12 @@ def finetune_config(fv):
 
 def run(argv):
     if FLAGS.resume:
-        flags_common.reparse_with_run_flagfile(FLAGS)
-    return flags_common.after_training(FLAGS, training.train(finetune_config(FLAGS)))
+        cli.reparse_with_run_flagfile(FLAGS)
+    return cli.after_training(FLAGS, training.train(finetune_config(FLAGS)))
 
 
 def main(argv):
-    flags_common.run_cli(run, argv)
+    cli.run_cli(run, argv)
 
 
 if __name__ == "__main__":

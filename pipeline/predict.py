@@ -2,18 +2,16 @@
 
     python -m pipeline.predict --export=saved_models/<name>[/<version>] IMAGE... [--top_k=3] [--json]
 
-Loads the SavedModel with `tf.saved_model.load` (the newest version when none
-is named) and sends the files' bytes to its `serving_bytes` signature: no Keras
-and no pipeline model code is involved, so the answer is the server's answer.
 Prints one line per image (`--json`: one JSON object per line). An image the
 model cannot decode is reported on stderr; the others are still classified and
-the exit status is 1.
+the exit status is 1. See `pipeline.serving.predict`.
 """
-import json
-import os
 import sys
 
 from absl import app, flags
+
+from pipeline import cli
+from pipeline.serving import predict
 
 flags.DEFINE_string("export", None, "An export: saved_models/<name> (newest version) or "
                     "saved_models/<name>/<version>.", required=True)
@@ -23,110 +21,13 @@ flags.DEFINE_integer("batch_size", 32, "Images per request.", lower_bound=1)
 FLAGS = flags.FLAGS
 
 
-class PredictError(ValueError):
-    """A file or export problem reported as one line."""
-
-
-def load_signature(export: str):
-    """(export_dir, loaded SavedModel, its serving_bytes signature, class names) of an export path."""
-    from pipeline.export import BYTES_SIGNATURE, resolve_export
-    export_dir = resolve_export(export)  # path errors before the slow TensorFlow import
-    import tensorflow as tf
-    loaded = tf.saved_model.load(export_dir)
-    if BYTES_SIGNATURE not in loaded.signatures:
-        raise PredictError(f"{export_dir} has no {BYTES_SIGNATURE!r} signature "
-                           f"(it has {', '.join(loaded.signatures) or 'none'}).")
-    labels_file = os.path.join(export_dir, "assets", "labels.txt")
-    labels = None
-    if os.path.isfile(labels_file):
-        with open(labels_file, encoding="utf-8") as f:
-            labels = [line.rstrip("\n") for line in f if line.strip()]
-    # Keep `loaded` alive: the signature's resources belong to it.
-    return export_dir, loaded, loaded.signatures[BYTES_SIGNATURE], labels
-
-
-def top_k(probabilities, labels, k):
-    """[(class_id, class_name, probability)] of the k most probable classes."""
-    import numpy as np
-    order = np.argsort(-probabilities, kind="stable")[:k]
-    return [(int(i), labels[i] if labels and i < len(labels) else str(int(i)), float(probabilities[i]))
-            for i in order]
-
-
-def predict_files(signature, files, *, batch_size=32):
-    """Yield (file, probabilities or None, error or None) for every file, in order.
-
-    A batch that fails is retried image by image, so one undecodable file
-    is named and does not take its neighbours down with it.
-    """
-    import tensorflow as tf
-
-    def call(chunk):
-        data = []
-        for name in chunk:
-            with open(name, "rb") as f:
-                data.append(f.read())
-        return signature(image_bytes=tf.constant(data, dtype=tf.string))["probabilities"].numpy()
-
-    for start in range(0, len(files), batch_size):
-        chunk = files[start:start + batch_size]
-        try:
-            probabilities = call(chunk)
-        except tf.errors.InvalidArgumentError as e:
-            if len(chunk) == 1:
-                yield chunk[0], None, _first_line(e.message)
-            else:
-                for name in chunk:
-                    yield from predict_files(signature, [name], batch_size=1)
-            continue
-        for name, p in zip(chunk, probabilities):
-            yield name, p, None
-
-
-def _first_line(message: str) -> str:
-    """The reason in a failed request's error message, as one short phrase."""
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
-    for line in lines:
-        if "could not be decoded" in line:
-            return "the image could not be decoded (not a JPEG, PNG, BMP or GIF file)"
-    for line in lines:
-        if "Invalid" in line or "format" in line or "corrupt" in line.lower():
-            return f"the image could not be decoded: {line}"
-    return "the image could not be decoded"
-
-
 def run(argv):
-    files = argv[1:]
-    if not files:
-        raise PredictError("no images given: python -m pipeline.predict --export=<export> IMAGE...")
-    for name in files:
-        if not os.path.isfile(name):
-            raise FileNotFoundError(f"image {name!r} does not exist")
-    _, _loaded, signature, labels = load_signature(FLAGS.export)
-    failed = 0
-    for name, probabilities, error in predict_files(signature, files, batch_size=FLAGS.batch_size):
-        if error is not None:
-            failed += 1
-            print(f"error: {name}: {error}", file=sys.stderr, flush=True)
-            continue
-        best = top_k(probabilities, labels, FLAGS.top_k)
-        if FLAGS.json:
-            print(json.dumps({"image": name, "predictions": [
-                {"class_id": i, "class_name": c, "probability": p} for i, c, p in best]}), flush=True)
-        else:
-            print(f"{name}: " + ", ".join(f"{c} {p:.4f}" for _, c, p in best), flush=True)
-    return failed
+    return predict.print_predictions(FLAGS.export, argv[1:], top_k=FLAGS.top_k, as_json=FLAGS.json,
+                                     batch_size=FLAGS.batch_size)
 
 
 def main(argv):
-    try:
-        failed = run(argv)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        if os.environ.get("PIPELINE_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    if failed:
+    if cli.run_cli(run, argv):
         sys.exit(1)
 
 

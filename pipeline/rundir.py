@@ -34,24 +34,71 @@ CHECKPOINT_DIR = "checkpoints"
 BEST_CHECKPOINT = "best.keras"
 LAST_CHECKPOINT = "last.keras"
 STATE_FILE = "state.json"
+CHECKPOINTS = {"best": BEST_CHECKPOINT, "last": LAST_CHECKPOINT}
+# How each epoch metric ranks epochs ("max": higher is better).
+METRIC_MODES = {"val_accuracy": "max", "val_loss": "min", "accuracy": "max", "loss": "min"}
 
 
 class RunDirError(ValueError):
     """A run directory is missing, incomplete, or would be overwritten."""
 
 
-def default_model_dir(model: str, dataset: str, now: datetime.datetime | None = None,
-                      root: str = "runs") -> str:
-    """`runs/<model>-<dataset>-<YYYYmmdd-HHMMSS>` with path-unsafe characters replaced."""
-    now = now or datetime.datetime.now()
+def slug(text: str) -> str:
+    """`text` safe as one path component: runs of other characters than [A-Za-z0-9_.-] become `_`,
+    and leading/trailing `_` and `.` go (no hidden names)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text)).strip("_.")
+
+
+def run_name(model: str, dataset: str) -> str:
+    """`<model>-<dataset>` as a slug; an image folder counts by its folder name (`folder-<name>`)."""
     if dataset.startswith("folder:"):
         dataset = "folder-" + os.path.basename(os.path.normpath(dataset[len("folder:"):]))
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{model}-{dataset}").strip("_")
-    return os.path.join(root, f"{slug}-{now:%Y%m%d-%H%M%S}")
+    return slug(f"{model}-{dataset}")
+
+
+def default_model_dir(model: str, dataset: str, now: datetime.datetime | None = None,
+                      root: str = "runs") -> str:
+    """`runs/<model>-<dataset>-<YYYYmmdd-HHMMSS>` (see `run_name`)."""
+    now = now or datetime.datetime.now()
+    return os.path.join(root, f"{run_name(model, dataset)}-{now:%Y%m%d-%H%M%S}")
 
 
 def path(model_dir: str, *parts: str) -> str:
     return os.path.join(model_dir, *parts)
+
+
+def checkpoint_file(model_dir: str, which: str = "best") -> str:
+    """Where a run keeps its `best` or `last` `.keras` checkpoint (whether or not it exists yet)."""
+    if which not in CHECKPOINTS:
+        raise ValueError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}, got {which!r}")
+    return os.path.join(model_dir, CHECKPOINT_DIR, CHECKPOINTS[which])
+
+
+def require_checkpoint(model_dir: str, which: str = "best") -> str:
+    """The run's `best`/`last` checkpoint file; RunDirError if the run or the file is missing."""
+    filename = checkpoint_file(model_dir, which)
+    if not os.path.isdir(model_dir):
+        raise RunDirError(f"Run directory {model_dir!r} does not exist.")
+    if not os.path.isfile(filename):
+        raise RunDirError(f"{model_dir!r} has no {which} checkpoint ({filename} is missing): "
+                          "not a run directory, or its training finished no epoch.")
+    return filename
+
+
+def improves(value: float, best: float | None, metric: str) -> bool:
+    """Whether an epoch's `metric` value beats the best so far; a tie does (the later epoch wins)."""
+    if best is None:
+        return True
+    return value >= best if METRIC_MODES[metric] == "max" else value <= best
+
+
+def best_row(rows, metric: str) -> dict | None:
+    """The epoch row (metrics.csv) best by `metric`, ties to the later epoch; None if no row has it."""
+    best = None
+    for row in rows:
+        if row.get(metric) is not None and (best is None or improves(row[metric], best[metric], metric)):
+            best = row
+    return best
 
 
 def write_text_atomic(filename: str, text: str) -> None:

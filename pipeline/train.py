@@ -1,25 +1,26 @@
 """Train a model from scratch: `python -m pipeline.train --flagfile=flags/quickstart.cfg`."""
 from absl import app, flags
 
-from pipeline import flags_common, training
+from pipeline import cli
+from pipeline import training
 
-flags_common.define_data_flags()
-flags_common.define_model_flags()
-flags_common.define_train_flags()
-flags_common.define_run_flags()
-flags_common.define_export_flags()
+cli.define_data_flags()
+cli.define_model_flags()
+cli.define_train_flags()
+cli.define_run_flags()
+cli.define_export_flags()
 FLAGS = flags.FLAGS
 
 
 def run(argv):
     if FLAGS.resume:
-        flags_common.reparse_with_run_flagfile(FLAGS)
-    result = training.train(flags_common.run_config_from_flags(FLAGS, "train"))
-    return flags_common.after_training(FLAGS, result)
+        cli.reparse_with_run_flagfile(FLAGS)
+    result = training.train(cli.run_config_from_flags(FLAGS, "train"))
+    return cli.after_training(FLAGS, result)
 
 
 def main(argv):
-    flags_common.run_cli(run, argv)
+    cli.run_cli(run, argv)
 
 
 if __name__ == "__main__":

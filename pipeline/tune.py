@@ -8,13 +8,15 @@ import dataclasses
 
 from absl import app, flags
 
-from pipeline import flags_common, rundir, tuning
+from pipeline import cli
+from pipeline import rundir, workflow
+from pipeline.tuning import search as tuning
 
-flags_common.define_data_flags()
-flags_common.define_model_flags()
-flags_common.define_train_flags()
-flags_common.define_finetune_flags()
-flags_common.define_run_flags()
+cli.define_data_flags()
+cli.define_model_flags()
+cli.define_train_flags()
+cli.define_finetune_flags()
+cli.define_run_flags()
 
 
 def define_tune_flags():
@@ -63,7 +65,7 @@ def base_run_config(fv, verb="train"):
     if fv.model_dir:
         raise ValueError("--model_dir is not used by pipeline.tune: each trial runs in <tune_dir>/trials/<id>; "
                          "set --tune_dir.")
-    run = flags_common.run_config_from_flags(fv, verb)
+    run = cli.run_config_from_flags(fv, verb)
     if verb == "train":
         pins = {name: None for name in tuning.FINETUNE_FLAGS}
     else:  # pipeline.finetune would pick pretrained weights for an unset --weights; the trials use none
@@ -101,21 +103,13 @@ def run(argv):
         print("worker finished: the chief writes trials.csv and best.cfg", flush=True)
         return result
     print(tuning.format_results(result), flush=True)
-    if result.best is not None:
-        print(f"train the best model: python -m pipeline.{verb} --flagfile={result.best_cfg}", flush=True)
-        if FLAGS.export_best:
-            from pipeline import export
-            path = export.export_run(result.best.run_dir, export_root=FLAGS.export_dir, name=FLAGS.export_name)
-            print(f"export: {path}", flush=True)
-    if FLAGS.report and result.rows:
-        from pipeline import report
-        _, html = report.write_comparison_report([tune_dir])
-        print(f"report: {html}", flush=True)
-    return result
+    return workflow.after_search(result, tune_dir, verb=verb, export_best=FLAGS.export_best,
+                                 export_dir=FLAGS.export_dir, export_name=FLAGS.export_name,
+                                 report=FLAGS.report)
 
 
 def main(argv):
-    flags_common.run_cli(run, argv)
+    cli.run_cli(run, argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ import re
 
 from absl import app, flags
 
-from pipeline import flags_common, plots, rundir
+from pipeline import cli
+from pipeline.reporting import plots
+from pipeline import rundir
 
 flags.DEFINE_string("model_dir", None, "Run directory to plot.")
 flags.DEFINE_list("what", ["all"], f"Plots to make: all, {', '.join(plots.KINDS)}.")
@@ -119,7 +121,7 @@ def _plot(kind, model_dir, get_model, runs, out):
 
 
 def main(argv):
-    flags_common.run_cli(run, argv)
+    cli.run_cli(run, argv)
 
 
 if __name__ == "__main__":

@@ -57,9 +57,9 @@ def test_unknown_model_is_a_one_line_error():
 
 
 def test_random_source_and_summaries():
-    from pipeline import benchmarking as bench
+    from pipeline.perf import benchmarks as bench
     from pipeline import config as cfg
-    from pipeline import data as data_lib
+    from pipeline.data import sources as data_lib
 
     ds = data_lib.load_dataset(cfg.DataConfig(dataset=bench.random_spec(10, 8, 3), batch_size=4,
                                               augment="cifar", drop_remainder=True))

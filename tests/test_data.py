@@ -11,7 +11,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from pipeline import augment, data
+from pipeline.data import augment
+from pipeline.data import sources as data
 from pipeline.config import DataConfig
 
 

@@ -19,8 +19,12 @@ import pytest
 import tensorflow as tf
 
 from pipeline import config as cfg
-from pipeline import data as data_lib
-from pipeline import distribute, loop, rundir, schedules, training
+from pipeline.data import sources as data_lib
+from pipeline.training import distribute
+from pipeline.training import loop
+from pipeline import rundir
+from pipeline.training import schedules
+from pipeline.training import trainer as training
 from tests.helpers import REPO, free_ports, last_line
 
 # --------------------------------------------------------------------------- pure rules

@@ -12,7 +12,9 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from pipeline import export, rundir, serving_bench
+from pipeline.serving import export
+from pipeline import rundir
+from pipeline.serving import latency as serving_bench
 from tests.helpers import REPO, last_line, run_cli
 
 # A few digits test images, quantized to 8 bits so that float and PNG inputs are the same pixels.
@@ -21,7 +23,7 @@ N_IMAGES = 8
 
 @pytest.fixture(scope="module")
 def digits_images():
-    from pipeline.data import _digits_arrays
+    from pipeline.data.sources import _digits_arrays
     images, labels, (_, _, test) = _digits_arrays()
     pick = test[:N_IMAGES]
     pixels = np.round(images[pick] * 255).astype(np.uint8)

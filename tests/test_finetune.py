@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from pipeline import config as cfg
-from pipeline import init_from, training
+from pipeline.training import init_from
+from pipeline.training import trainer as training
 from pipeline.models import create_model
 from tests.helpers import make_image_folder, run_cli
 from tests.test_pretrained import _save_feature_module
@@ -47,7 +48,7 @@ def test_finetune_bit_end_to_end_on_an_image_folder(folder, tmp_path):
 
 
 def test_finetune_hyperrule_picks_resolution_from_image_size(folder, tmp_path):
-    from pipeline import data
+    from pipeline.data import sources as data
     ds = data.load_dataset(cfg.DataConfig(dataset=f"folder:{folder}", augment="bit", batch_size=4,
                                           resolution_rule="hyperrule"))
     assert ds.image_size == 128  # 32x32 images are small: resize 160, crop 128

@@ -2,7 +2,7 @@
 import keras
 import pytest
 
-from pipeline import precision
+from pipeline.training import precision
 
 
 @pytest.mark.parametrize("caps,bf16,expected", [

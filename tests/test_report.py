@@ -19,7 +19,8 @@ from html.parser import HTMLParser
 
 import pytest
 
-from pipeline import report, rundir
+from pipeline.reporting import report
+from pipeline import rundir
 from tests.helpers import last_line, run_cli
 
 SECTIONS = ("Reproduce", "Data", "Model", "Precision, strategy and device", "Hyperparameters", "Training",
@@ -153,7 +154,7 @@ def write_metrics(model_dir, rows):
 
 @pytest.fixture(scope="module")
 def digits_report(digits_run, tmp_path_factory):
-    from pipeline import export
+    from pipeline.serving import export
 
     model_dir = digits_run["model_dir"]
     # Its own export (the fixture's `--export` went to the shared ./saved_models, which other
@@ -347,7 +348,7 @@ def test_compare_a_tuning_directory_reads_its_trials(digits_run, tmp_path):
 
 
 def test_tuning_layout_constants_match_pipeline_tuning():
-    from pipeline import tuning
+    from pipeline.tuning import search as tuning
     assert (report.TRIALS_DIR, report.TRIALS_CSV, report.SEARCH_FILE) == (
         tuning.TRIALS_DIR, tuning.TRIALS_CSV, tuning.SEARCH_FILE)
 

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from pipeline import schedules
+from pipeline.training import schedules
 
 
 def lr(step, spec):

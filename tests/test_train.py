@@ -10,7 +10,8 @@ import time
 import pytest
 
 from pipeline import config as cfg
-from pipeline import rundir, training
+from pipeline import rundir
+from pipeline.training import trainer as training
 from tests.helpers import FAST, REPO, last_line, run_cli
 
 

@@ -19,7 +19,9 @@ import keras_tuner as kt
 import pytest
 
 from pipeline import config as cfg
-from pipeline import rundir, training, tuning
+from pipeline import rundir
+from pipeline.training import trainer as training
+from pipeline.tuning import search as tuning
 from pipeline.models import create_model
 from tests.helpers import REPO, free_ports, last_line, run_cli
 

@@ -17,8 +17,11 @@ import numpy as np
 import pytest
 
 from pipeline import config as cfg
-from pipeline import insight, plots, rundir, training
-from pipeline import data as data_lib
+from pipeline.training import tensorboard as insight
+from pipeline.reporting import plots
+from pipeline import rundir
+from pipeline.training import trainer as training
+from pipeline.data import sources as data_lib
 from tests.helpers import REPO, last_line, run_cli
 
 

@@ -25,13 +25,16 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from pipeline import callbacks as cbs
-from pipeline import insight
+from pipeline.training import callbacks as cbs
+from pipeline.training import tensorboard as insight
 from pipeline import config as cfg
-from pipeline import data as data_lib
-from pipeline import distribute, precision, rundir, schedules
-from pipeline import loop as loop_lib
-from pipeline.augment import mixup
+from pipeline.data import sources as data_lib
+from pipeline.training import distribute
+from pipeline.training import precision
+from pipeline import rundir
+from pipeline.training import schedules
+from pipeline.training import loop as loop_lib
+from pipeline.data.augment import mixup
 from pipeline.models import create_model
 from pipeline.models.pretrained import head_layers, set_backbone_trainable
 
@@ -226,7 +229,7 @@ def build_model(run: cfg.RunConfig, datasets) -> keras.Model:
                          image_size=datasets.image_size, weights=run.model.weights,
                          normalization=(datasets.mean, datasets.std), **run.model.options())
     if run.model.init_from:
-        from pipeline import init_from
+        from pipeline.training import init_from
         init_from.load_backbone(model, run.model.init_from)
     return model
 

@@ -819,7 +819,7 @@ def plot_lr(model_dir: str, out_dir: str) -> str:
 
 def plot_confusion(model_dir: str, out_dir: str, *, split: str = "test",
                    checkpoint: str = "best") -> str:
-    from pipeline import training
+    from pipeline.training import trainer as training
 
     require_run(model_dir)
     result = training.evaluate_checkpoint(model_dir, split=split, checkpoint=checkpoint)
@@ -892,7 +892,7 @@ def dataset_image(model_dir: str, split: str, index: int) -> tuple[np.ndarray, s
     import dataclasses as dc
 
     from pipeline import config as cfg
-    from pipeline import data as data_lib
+    from pipeline.data import sources as data_lib
 
     require_run(model_dir)
     run = cfg.from_dict(rundir.read_json(rundir.path(model_dir, rundir.CONFIG_FILE)))

@@ -38,8 +38,12 @@ import keras
 import keras_tuner as kt
 
 from pipeline import config as cfg
-from pipeline import data as data_lib
-from pipeline import distribute, precision, rundir, schedules, training
+from pipeline.data import sources as data_lib
+from pipeline.training import distribute
+from pipeline.training import precision
+from pipeline import rundir
+from pipeline.training import schedules
+from pipeline.training import trainer as training
 from pipeline.models import registry
 
 TUNERS = ("random", "hyperband", "bayesian", "grid")

@@ -80,7 +80,7 @@ def _fmt(value):
     return str(value) if isinstance(value, int) else f"{float(value):.6g}"
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(FloatingPointError):
     """The loss became NaN or infinite; the best checkpoint is kept."""
 
 
@@ -106,10 +106,9 @@ class RunCheckpoint(keras.callbacks.Callback):
         self.state = dict(state or {"epochs_done": 0, "best_value": None, "best_epoch": None})
         self.metrics = MetricsLog(rundir.path(model_dir, rundir.METRICS_FILE))
         self.diverged_at = None
-        ckpt = rundir.path(model_dir, rundir.CHECKPOINT_DIR)
-        self.last_path = os.path.join(ckpt, rundir.LAST_CHECKPOINT)
-        self.best_path = os.path.join(ckpt, rundir.BEST_CHECKPOINT)
-        self.state_path = os.path.join(ckpt, rundir.STATE_FILE)
+        self.last_path = rundir.checkpoint_file(model_dir, "last")
+        self.best_path = rundir.checkpoint_file(model_dir, "best")
+        self.state_path = rundir.path(model_dir, rundir.CHECKPOINT_DIR, rundir.STATE_FILE)
 
     def on_epoch_end(self, epoch, logs=None):
         logs = dict(logs or {})
@@ -122,7 +121,7 @@ class RunCheckpoint(keras.callbacks.Callback):
         value = logs.get(self.monitor)
         rundir.save_model_atomic(self.model, self.last_path)
         best = self.state.get("best_value")
-        if value is not None and (best is None or float(value) >= best):
+        if value is not None and rundir.improves(float(value), best, self.monitor):
             rundir.copy_atomic(self.last_path, self.best_path)  # the same model: no second save
             self.state.update(best_value=float(value), best_epoch=number)
         self.metrics.append({"epoch": number, **logs})

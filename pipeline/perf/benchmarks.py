@@ -28,7 +28,6 @@ on a shared machine a number taken under load is not a number about the code.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import platform
 import resource
@@ -70,7 +69,7 @@ def machine_info() -> dict:
     import keras
     import tensorflow as tf
 
-    from pipeline import precision
+    from pipeline.training import precision
     from pipeline.models.layers import tf_onednn_enabled
     flags = precision.cpu_flags()
     model = "unknown"
@@ -119,7 +118,7 @@ def _register_random_source():
     embedded `digits`: shuffle, augmentation with per-example seeds, batching,
     prefetch.
     """
-    from pipeline import data as data_lib
+    from pipeline.data import sources as data_lib
     if RANDOM_SOURCE in data_lib.SOURCES:
         return
 
@@ -159,7 +158,7 @@ def default_augment(model_name: str, image_size: int) -> str:
 def stored_size(augment: str, image_size: int) -> int:
     """Side of the stored images: for `bit`, BiT-HyperRule's resize for this crop
     (160 for a 128 crop, 512 for 480), else the 256/224 rule; else `image_size`."""
-    from pipeline import augment as augment_lib
+    from pipeline.data import augment as augment_lib
     if augment != "bit":
         return image_size
     known = {128: 160, 480: 512}
@@ -293,7 +292,7 @@ def measure_train(*, model: str = "resnet20", batch_size: int = 128, image_size:
     With `profile_dir`, the `profile_steps` steps after warm-up are traced by the
     TF profiler (which slows them: the images/s of such a run are not comparable).
     """
-    from pipeline import training
+    from pipeline.training import trainer as training
     from pipeline.models import get_spec
     image_size = image_size or get_spec(model).default_image_size
     augment = augment or default_augment(model, image_size)
@@ -364,7 +363,7 @@ def measure_input_cifar(*, batch_size: int = 128, image_size: int = 32, steps: i
                         warmup_steps: int = 5, augment: str = "cifar") -> dict:
     """The input pipeline alone: `augment` over in-memory random uint8 images (the `random:` source)."""
     from pipeline import config as cfg
-    from pipeline import data as data_lib
+    from pipeline.data import sources as data_lib
     examples = max(4 * batch_size, 256)
     datasets = data_lib.load_dataset(cfg.DataConfig(
         dataset=random_spec(examples, image_size), augment=augment, batch_size=batch_size,
@@ -385,7 +384,7 @@ def measure_input_jpeg(*, batch_size: int = 32, image_size: int = 128, resize_si
     small data: after the first pass only the augmentation runs.
     """
     from pipeline import config as cfg
-    from pipeline import data as data_lib
+    from pipeline.data import sources as data_lib
     with contextlib.ExitStack() as stack:
         if folder is None:
             folder = write_jpeg_folder(stack.enter_context(_tempdir("pipeline-bench-jpeg-")),
@@ -411,8 +410,9 @@ def measure_predict(*, model: str = "resnet20", image_size: Optional[int] = None
     timed through its loaded `serving_default` signature by `serving_bench.measure`."""
     import keras
 
-    from pipeline import export, serving_bench
-    from pipeline import precision as precision_lib
+    from pipeline.serving import export
+    from pipeline.serving import latency as serving_bench
+    from pipeline.training import precision as precision_lib
     from pipeline.models import create_model, get_spec
     image_size = image_size or get_spec(model).default_image_size
     policy = precision_lib.apply_precision(precision)
@@ -459,8 +459,8 @@ def measure_bit_native_vs_savedmodel(*, model: str = "bit_m_r50x1", batch_size: 
     """
     import keras
 
-    from pipeline import precision as precision_lib
-    from pipeline import training
+    from pipeline.training import precision as precision_lib
+    from pipeline.training import trainer as training
     from pipeline.models import bit as bit_lib
     from pipeline.models import bit_reference, create_model
 

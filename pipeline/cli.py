@@ -1,8 +1,10 @@
-"""Flag definitions shared by the entry points, and their translation into configs.
+"""Flag definitions shared by the entry points, flags -> config, and the one error wrapper.
 
-Entry points call the `define_*_flags()` they need at import time, then
-`run_config_from_flags(FLAGS)` inside `main`. Nothing outside the entry points
-and this module reads FLAGS.
+Entry points (`pipeline/<verb>.py`) call the `define_*_flags()` they need at
+import time, then `run_config_from_flags(FLAGS)` inside `main`, wrapped in
+`run_cli`. Nothing outside the entry points and this module reads flags.
+Importing it is cheap (no TensorFlow): the heavy registries are imported by the
+`define_*_flags()` that list their choices.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import traceback
 from absl import flags
 
 from pipeline import config as cfg
-from pipeline import precision, rundir, schedules
+from pipeline import rundir, workflow
 
 _EXCLUDED_FROM_FLAGFILE = {"model_dir", "resume"}
 # Where a run trains (a TPU's address) is not part of the run either: resume with --tpu again.
@@ -26,7 +28,7 @@ def _model_names():
 
 
 def define_data_flags():
-    from pipeline.augment import AUGMENTATIONS
+    from pipeline.data.augment import AUGMENTATIONS
     flags.DEFINE_string("dataset", "digits",
                         "`digits` (embedded, offline), a TFDS name (`cifar10`, `tf_flowers`, "
                         "`tfds:<name>`), or `folder:<path>` (one subfolder per class).")
@@ -66,7 +68,8 @@ def _valid_model(name):
 
 
 def define_train_flags(**defaults):
-    from pipeline.training import OPTIMIZERS
+    from pipeline.training import precision, schedules
+    from pipeline.training.trainer import OPTIMIZERS
     d = {"epochs": 30, "optimizer": "sgd", "learning_rate": 0.1, "schedule": "step",
          "lr_boundaries": [], **defaults}
     flags.DEFINE_integer("epochs", d["epochs"], "Epochs to train (ignored when a step budget is set).",
@@ -123,7 +126,7 @@ def define_run_flags():
 
 def flags_text(fv, verb: str) -> str:
     """The resolved flags of this module as a flagfile (what repeats the run)."""
-    lines = [f"# Resolved flags of a run. Repeat it with:",
+    lines = ["# Resolved flags of a run. Repeat it with:",
              f"#   python -m pipeline.{verb} --flagfile=<this file>"]
     for flag in fv.get_flags_for_module(__name__):
         if flag.name in _EXCLUDED_FROM_FLAGFILE or flag.value is None:
@@ -191,16 +194,24 @@ def _finetune_fields(fv) -> dict:
 def run_cli(fn, *args):
     """Call `fn(*args)`; turn the pipeline's expected errors into one line and exit 1.
 
+    Expected errors are bad values (ValueError and its subclasses: data, weights,
+    export and run-directory errors), files that cannot be read or written
+    (OSError) and a diverged training (`TrainingDiverged`, a FloatingPointError).
     Set PIPELINE_DEBUG=1 to see the full traceback instead.
     """
-    from pipeline.training import TrainingDiverged
     try:
         return fn(*args)
-    except (ValueError, FileNotFoundError, TrainingDiverged) as e:
+    except (ValueError, OSError, FloatingPointError) as e:
         if os.environ.get("PIPELINE_DEBUG"):
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
+
+
+def no_arguments(argv):
+    """Refuse positional arguments a verb does not take (absl passes them in argv[1:])."""
+    if len(argv) > 1:
+        raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
 
 
 def define_export_flags():
@@ -213,21 +224,9 @@ def define_export_flags():
 
 
 def after_training(fv, result):
-    """What train and finetune do after `training.train`: export, then report (unless --no...).
-
-    Only the chief of a multi-worker job exports, so a job leaves one version.
-    """
-    if not getattr(result, "is_chief", True):
-        return result
-    if fv.export:
-        from pipeline import export
-        path = export.export_run(result.model_dir, export_root=fv.export_dir, name=fv.export_name)
-        print(f"export: {path}", flush=True)
-    if fv.report:
-        from pipeline import report
-        _, html = report.write_run_report(result.model_dir, export_roots=[fv.export_dir])
-        print(f"report: {html}", flush=True)
-    return result
+    """Export and report a finished run as the export flags say (see `workflow.after_training`)."""
+    return workflow.after_training(result, export=fv.export, export_dir=fv.export_dir,
+                                   export_name=fv.export_name, report=fv.report)
 
 
 # Where a run's export goes is not part of the run (like --model_dir): keep it out of flags.cfg.

@@ -37,9 +37,9 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from pipeline import augment as augment_lib
+from pipeline.data import augment as augment_lib
 from pipeline.config import DataConfig
-from pipeline.schedules import hyperrule_resolution
+from pipeline.training.schedules import hyperrule_resolution
 
 AUTOTUNE = tf.data.AUTOTUNE
 DEFAULT_IMAGE_SIZE = 224

@@ -1,0 +1,416 @@
+"""SavedModel export for TF Serving: signatures, integer versions, atomic writes.
+
+`python -m pipeline.export --model_dir=<run> [--name=...] [--export_dir=saved_models]
+[--version=N] [--overwrite] [--checkpoint=best|last]` prints the export path.
+
+An export is `<export_dir>/<name>/<version>/`, a SavedModel that TF Serving
+loads as it is (tag `serve`):
+
+  serving_default  images       float32 [batch, height, width, 3] in [0, 1], any
+                                height and width (resized inside to the model's size)
+  serving_bytes    image_bytes  string [batch] of JPEG, PNG, BMP or GIF files
+
+Both return `probabilities` (float32 [batch, classes], softmax of the float32
+logits, also for mixed-precision models), `class_ids` (int64 [batch]) and
+`class_names` (string [batch], looked up in the `assets/labels.txt` asset).
+`assets/model_card.json` records the model, data, metrics and provenance.
+
+Every version is written into `<name>/.tmp-...` beside its target and renamed
+into place only when complete, so a server watching `<name>/` never sees a
+half-written version (TF Serving ignores names that are not integers).
+
+This module imports TensorFlow only inside the functions that need it and Keras
+only where it loads checkpoints: `pipeline.predict` and `pipeline.serving_bench`
+use its path helpers without Keras, and errors about paths come before the
+slow imports.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import re
+import shutil
+import tempfile
+from typing import Optional, Sequence
+
+from pipeline import rundir
+
+DEFAULT_SIGNATURE = "serving_default"
+BYTES_SIGNATURE = "serving_bytes"
+SIGNATURES = (DEFAULT_SIGNATURE, BYTES_SIGNATURE)
+IMAGES_INPUT = "images"
+BYTES_INPUT = "image_bytes"
+OUTPUTS = ("probabilities", "class_ids", "class_names")
+LABELS_FILE = "labels.txt"
+MODEL_CARD_FILE = "model_card.json"
+TMP_PREFIX = ".tmp-"
+OLD_PREFIX = ".old-"
+CHECKPOINTS = {"best": rundir.BEST_CHECKPOINT, "last": rundir.LAST_CHECKPOINT}
+
+# Leading bytes of the formats tf.io.decode_image reads.
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
+
+
+class ExportError(ValueError):
+    """An export target or source is missing, empty, or would be overwritten."""
+
+
+# ------------------------------------------------------------------ names and versions
+
+
+def default_name(model: str, dataset: str) -> str:
+    """`<model>-<dataset>` with path-unsafe characters replaced (folder datasets by folder name)."""
+    if dataset.startswith("folder:"):
+        dataset = "folder-" + os.path.basename(os.path.normpath(dataset[len("folder:"):]))
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{model}-{dataset}").strip("_.")
+
+
+def list_versions(model_root: str) -> list[int]:
+    """Sorted integer versions under `model_root` (`saved_models/<name>`); [] if none or absent."""
+    try:
+        names = os.listdir(model_root)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(int(n) for n in names
+                  if n.isdigit() and os.path.isdir(os.path.join(model_root, n)))
+
+
+def next_version(model_root: str) -> int:
+    """The next free version: one more than the newest, 1 for a new model."""
+    versions = list_versions(model_root)
+    return versions[-1] + 1 if versions else 1
+
+
+def is_saved_model(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "saved_model.pb"))
+
+
+def resolve_export(path: str) -> str:
+    """A SavedModel directory from `saved_models/<name>/<version>` or `saved_models/<name>` (newest).
+
+    Raises:
+      FileNotFoundError: `path` does not exist.
+      ExportError: `path` holds no SavedModel and no integer version.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"export {path!r} does not exist")
+    if is_saved_model(path):
+        return path
+    versions = list_versions(path)
+    if not versions:
+        raise ExportError(f"{path!r} holds no export: no saved_model.pb and no integer version "
+                          "directories")
+    newest = os.path.join(path, str(versions[-1]))
+    if not is_saved_model(newest):
+        raise ExportError(f"{newest!r} is not a SavedModel (no saved_model.pb)")
+    return newest
+
+
+def read_model_card(export_dir: str) -> dict:
+    """The export's `assets/model_card.json` ({} when absent)."""
+    return rundir.read_json(os.path.join(export_dir, "assets", MODEL_CARD_FILE), {}) or {}
+
+
+# ------------------------------------------------------------------ the serving module
+
+
+def _resize(images, height: int, width: int):
+    """Bilinear (antialiased) resize of a batch to (height, width); a no-op at that size already."""
+    import tensorflow as tf
+    shape = tf.shape(images)
+    same = tf.logical_and(tf.equal(shape[1], height), tf.equal(shape[2], width))
+    return tf.cond(same, lambda: images,
+                   lambda: tf.image.resize(images, [height, width], method="bilinear", antialias=True))
+
+
+def _known_format(data):
+    import tensorflow as tf
+    return tf.reduce_any(tf.stack([tf.equal(tf.strings.substr(data, 0, len(m)), m) for m in _MAGIC]))
+
+
+def _decode_one(data, index, height: int, width: int):
+    import tensorflow as tf
+    check = tf.debugging.Assert(
+        _known_format(data),
+        [f"{BYTES_SIGNATURE}: the image could not be decoded (not a JPEG, PNG, BMP or GIF file); "
+         f"index in {BYTES_INPUT}:", index])
+    with tf.control_dependencies([check]):
+        data = tf.identity(data)
+    image = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
+    image = tf.image.convert_image_dtype(image, tf.float32)
+    image = tf.ensure_shape(image, [None, None, 3])
+    return _resize(image[None], height, width)[0]
+
+
+def build_serving_module(model, labels_file: str, image_size: tuple[int, int]):
+    """A tf.Module with the two serving functions around a Keras model.
+
+    Args:
+      model: a Keras model from float32 [0, 1] RGB images to logits.
+      labels_file: a file named `labels.txt`, one class name per line; it is
+        saved as the SavedModel asset the class-name lookup reads.
+      image_size: (height, width) the model takes.
+
+    Returns:
+      A tf.Module with `serving_default` and `serving_bytes` tf.functions.
+    """
+    import tensorflow as tf
+    height, width = image_size
+    module = tf.Module()
+    # The signatures capture these variables; tracking them (not the Keras
+    # model object) keeps the SavedModel free of Keras-only objects.
+    module.model_variables = list(model.variables)
+    module.labels = tf.saved_model.Asset(labels_file)
+    module.class_table = tf.lookup.StaticHashTable(
+        tf.lookup.TextFileInitializer(
+            module.labels, key_dtype=tf.int64, key_index=tf.lookup.TextFileIndex.LINE_NUMBER,
+            value_dtype=tf.string, value_index=tf.lookup.TextFileIndex.WHOLE_LINE),
+        default_value="")
+
+    def outputs(images):
+        logits = tf.cast(model(_resize(images, height, width), training=False), tf.float32)
+        probabilities = tf.nn.softmax(logits, axis=-1)
+        class_ids = tf.argmax(probabilities, axis=-1, output_type=tf.int64)
+        return {"probabilities": probabilities, "class_ids": class_ids,
+                "class_names": module.class_table.lookup(class_ids)}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name=IMAGES_INPUT)])
+    def serving_default(images):
+        return outputs(images)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=BYTES_INPUT)])
+    def serving_bytes(image_bytes):
+        index = tf.range(tf.shape(image_bytes, out_type=tf.int64)[0])
+        images = tf.map_fn(lambda x: _decode_one(x[0], x[1], height, width), (image_bytes, index),
+                           fn_output_signature=tf.TensorSpec([height, width, 3], tf.float32))
+        return outputs(images)
+
+    module.serving_default = serving_default
+    module.serving_bytes = serving_bytes
+    return module
+
+
+def compute_policy(model) -> str:
+    """The model's dtype policy: a mixed policy if any weighted layer computes under one."""
+    names = {getattr(getattr(layer, "dtype_policy", None), "name", "float32")
+             for layer in model.layers if layer.weights}
+    mixed = sorted(n for n in names if n.startswith("mixed"))
+    return mixed[0] if mixed else "float32"
+
+
+def _image_size(model, image_size) -> tuple[int, int]:
+    if image_size is not None:
+        return (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    shape = tuple(model.input_shape)
+    if len(shape) != 4 or shape[1] is None or shape[2] is None:
+        raise ValueError(f"The model's input shape {shape} has no fixed height and width; "
+                         "pass image_size.")
+    return int(shape[1]), int(shape[2])
+
+
+# ------------------------------------------------------------------ writing versions
+
+
+def _remove(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def export_model(model, labels: Sequence[str], export_root: str, name: str,
+                 version: Optional[int] = None, card: Optional[dict] = None, *,
+                 overwrite: bool = False, image_size=None) -> str:
+    """Write `model` as `<export_root>/<name>/<version>/`, atomically.
+
+    Args:
+      model: Keras model, float32 [0, 1] RGB in, logits out (any dtype policy).
+      labels: class names in label order (as many as the model has outputs).
+      export_root: the folder holding one subfolder per exported model.
+      name: the model's folder name (what TF Serving calls MODEL_NAME).
+      version: integer version; None takes the next free one.
+      card: extra entries for `assets/model_card.json`.
+      overwrite: replace an existing `version` (atomically) instead of refusing.
+      image_size: the model's (height, width) or an int; default: its input shape.
+
+    Returns:
+      The export directory.
+
+    Raises:
+      ExportError: `version` exists and not `overwrite`, or is not a positive integer.
+      ValueError: the labels do not match the model's outputs.
+    """
+    import tensorflow as tf
+    labels = [str(label) for label in labels]
+    if not labels or any(("\n" in label or "\r" in label or not label.strip()) for label in labels):
+        raise ValueError("labels must be non-empty single-line class names")
+    outputs = model.output_shape[-1]
+    if outputs is not None and outputs != len(labels):
+        raise ValueError(f"The model has {outputs} outputs but there are {len(labels)} labels.")
+    if not name or name in (".", "..") or os.sep in name or name.startswith("."):
+        raise ExportError(f"Bad export name {name!r}: use a plain folder name.")
+    height, width = _image_size(model, image_size)
+    model_root = os.path.join(export_root, name)
+    pinned = version is not None
+    if pinned and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
+        raise ExportError(f"Export versions are positive integers, got {version!r}.")
+    version = version if pinned else next_version(model_root)
+    if pinned and os.path.exists(os.path.join(model_root, str(version))) and not overwrite:
+        raise ExportError(f"{os.path.join(model_root, str(version))} already exists; pass --overwrite "
+                          "to replace it, or leave out --version to write the next one.")
+
+    created_root = not os.path.isdir(model_root)
+    os.makedirs(model_root, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=TMP_PREFIX, dir=model_root)
+    staging = tempfile.mkdtemp(prefix="pipeline-export-")
+    try:
+        labels_file = os.path.join(staging, LABELS_FILE)
+        with open(labels_file, "w", encoding="utf-8") as f:
+            f.write("\n".join(labels) + "\n")
+        module = build_serving_module(model, labels_file, (height, width))
+        tf.saved_model.save(module, tmp, signatures={DEFAULT_SIGNATURE: module.serving_default,
+                                                     BYTES_SIGNATURE: module.serving_bytes})
+        full_card = {
+            **(card or {}),
+            "classes": labels,
+            "num_classes": len(labels),
+            "image_size": [height, width],
+            "signatures": {
+                DEFAULT_SIGNATURE: {"inputs": {IMAGES_INPUT: "float32 [batch, height, width, 3] in [0, 1]"},
+                                    "outputs": list(OUTPUTS)},
+                BYTES_SIGNATURE: {"inputs": {BYTES_INPUT: "string [batch]: JPEG, PNG, BMP or GIF"},
+                                  "outputs": list(OUTPUTS)}},
+            "compute_dtype": compute_policy(model),
+            "pipeline": _pipeline_version(),
+            "tensorflow": tf.__version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        card_file = os.path.join(tmp, "assets", MODEL_CARD_FILE)
+        rundir.write_json_atomic(card_file, full_card)
+        os.chmod(card_file, 0o644)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; servers may run as another user
+        return _publish(tmp, model_root, version, pinned=pinned, overwrite=overwrite)
+    except BaseException:
+        _remove(tmp)
+        if created_root:
+            with contextlib.suppress(OSError):
+                os.rmdir(model_root)  # only if still empty
+        raise
+    finally:
+        _remove(staging)
+
+
+def _publish(tmp: str, model_root: str, version: int, *, pinned: bool, overwrite: bool) -> str:
+    """Rename the complete `tmp` into `<model_root>/<version>`; returns the version directory."""
+    while True:
+        target = os.path.join(model_root, str(version))
+        if not os.path.exists(target):
+            try:
+                os.rename(tmp, target)
+                return target
+            except OSError:
+                if not os.path.exists(target):
+                    raise
+                # Another exporter took this version meanwhile.
+        if not pinned:
+            version += 1
+            continue
+        if not overwrite:
+            raise ExportError(f"{target} already exists; pass --overwrite to replace it.")
+        aside = tempfile.mkdtemp(prefix=f"{OLD_PREFIX}{version}-", dir=model_root)
+        os.rename(target, os.path.join(aside, "old"))
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            os.rename(os.path.join(aside, "old"), target)
+            _remove(aside)
+            raise
+        _remove(aside)
+        return target
+
+
+def _pipeline_version() -> str:
+    import pipeline
+    return getattr(pipeline, "__version__", "unknown")
+
+
+# ------------------------------------------------------------------ from a run directory
+
+
+def checkpoint_path(model_dir: str, checkpoint: str = "best") -> str:
+    """The run's `.keras` checkpoint file; RunDirError if the run has none."""
+    if checkpoint not in CHECKPOINTS:
+        raise ValueError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}, got {checkpoint!r}")
+    if not os.path.isdir(model_dir):
+        raise rundir.RunDirError(f"Run directory {model_dir!r} does not exist.")
+    filename = rundir.path(model_dir, rundir.CHECKPOINT_DIR, CHECKPOINTS[checkpoint])
+    if not os.path.isfile(filename):
+        raise rundir.RunDirError(f"{model_dir!r} has no {checkpoint} checkpoint ({filename} is missing): "
+                                 "not a run directory, or its training finished no epoch.")
+    return filename
+
+
+def export_run(model_dir: str, *, export_root: str = "saved_models", name: Optional[str] = None,
+               version: Optional[int] = None, overwrite: bool = False,
+               checkpoint: str = "best") -> str:
+    """Export a run directory's checkpoint; returns the export directory.
+
+    Args:
+      model_dir: a run directory (`checkpoints/`, `labels.txt`, `config.json`).
+      export_root: where `<name>/<version>/` goes.
+      name: the export name; default `<model>-<dataset>` of the run.
+      version, overwrite: see `export_model`.
+      checkpoint: `best` or `last`.
+
+    Raises:
+      rundir.RunDirError: the run directory is missing or incomplete.
+      ExportError: see `export_model`.
+    """
+    filename = checkpoint_path(model_dir, checkpoint)
+    labels_file = rundir.path(model_dir, rundir.LABELS_FILE)
+    if not os.path.isfile(labels_file):
+        raise rundir.RunDirError(f"{model_dir!r} has no {rundir.LABELS_FILE}.")
+    labels = rundir.read_labels(model_dir)
+    config = rundir.read_json(rundir.path(model_dir, rundir.CONFIG_FILE), {}) or {}
+    summary = rundir.read_json(rundir.path(model_dir, rundir.SUMMARY_FILE), {}) or {}
+    model_name = (config.get("model") or {}).get("name") or summary.get("model") or "model"
+    dataset = (config.get("data") or {}).get("dataset") or summary.get("dataset") or "data"
+    name = name or default_name(model_name, dataset)
+
+    import keras
+    import pipeline.models  # noqa: F401  (registers the custom layers for loading)
+    model = keras.saving.load_model(filename, compile=False)
+    metric_keys = ("status", "epochs_done", "best_epoch", "best_val_accuracy", "test_loss",
+                   "test_accuracy", "precision", "parameters")
+    card = {
+        "model": model_name,
+        "dataset": dataset,
+        "metrics": {k: summary.get(k) for k in metric_keys if k in summary},
+        "source_run": os.path.abspath(model_dir),
+        "checkpoint": checkpoint,
+        "source_checkpoint": os.path.abspath(filename),
+        "keras": keras.__version__,
+    }
+    image_size = summary.get("image_size") or (config.get("data") or {}).get("image_size")
+    try:
+        size = _image_size(model, None)
+    except ValueError:
+        if not image_size:
+            raise
+        size = image_size
+    return export_model(model, labels, export_root, name, version, card, overwrite=overwrite,
+                        image_size=size)
+
+
+def load_for_init(export_dir: str):
+    """The Keras model an export was made from (its source `.keras` checkpoint), or None.
+
+    `export_dir` is a version directory or `saved_models/<name>` (newest version).
+    Returns None when the card names no checkpoint or the file is gone (e.g. the
+    export was copied to another machine); the SavedModel itself holds no Keras model.
+    """
+    card = read_model_card(resolve_export(export_dir))
+    source = card.get("source_checkpoint")
+    if not source or not os.path.isfile(source):
+        return None
+    import keras
+    import pipeline.models  # noqa: F401
+    return keras.saving.load_model(source, compile=False)
