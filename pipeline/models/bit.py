@@ -595,6 +595,9 @@ def _make_builder(upstream: str, arch_key: str):
 for _upstream in BIT_UPSTREAMS:
     for _arch_key in BIT_ARCHS:
         _name, _builder = _make_builder(_upstream, _arch_key)
-        register_model(_name, family="bit", default_image_size=128, pretrained=True)(_builder)
+        _arch = BIT_ARCHS[_arch_key]
+        register_model(_name, family="bit", default_image_size=128, pretrained=True,
+                       depth=3 * sum(_arch.depths) + 2, depths=_arch.depths, width=_arch.width,
+                       default_weights=_arch.hub_handle(_upstream))(_builder)
         globals()[_name] = _builder
-del _upstream, _arch_key, _name, _builder
+del _upstream, _arch_key, _arch, _name, _builder

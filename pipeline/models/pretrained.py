@@ -212,14 +212,14 @@ def _build_keras_app(app_name: str, style: str, model_name: str, *, num_classes,
     return keras.Model(inputs, _head(x, num_classes), name=model_name)
 
 
-# name -> (keras.applications constructor, preprocessing style of its preprocess_input)
+# name -> (keras.applications constructor, preprocessing style of its preprocess_input, depth)
 KERAS_APPS = {
-    "keras_resnet50": ("ResNet50", "caffe"),
-    "keras_resnet101": ("ResNet101", "caffe"),
-    "keras_resnet152": ("ResNet152", "caffe"),
-    "keras_resnet50v2": ("ResNet50V2", "tf"),
-    "keras_resnet101v2": ("ResNet101V2", "tf"),
-    "keras_resnet152v2": ("ResNet152V2", "tf"),
+    "keras_resnet50": ("ResNet50", "caffe", 50),
+    "keras_resnet101": ("ResNet101", "caffe", 101),
+    "keras_resnet152": ("ResNet152", "caffe", 152),
+    "keras_resnet50v2": ("ResNet50V2", "tf", 50),
+    "keras_resnet101v2": ("ResNet101V2", "tf", 101),
+    "keras_resnet152v2": ("ResNet152V2", "tf", 152),
 }
 
 
@@ -238,8 +238,9 @@ def _make_keras_builder(model_name: str, app_name: str, style: str):
     return builder
 
 
-for _name, (_app, _style) in KERAS_APPS.items():
+for _name, (_app, _style, _depth) in KERAS_APPS.items():
     _builder = _make_keras_builder(_name, _app, _style)
-    register_model(_name, family="keras_apps", default_image_size=224, pretrained=True)(_builder)
+    register_model(_name, family="keras_apps", default_image_size=224, pretrained=True,
+                   depth=_depth, default_weights="imagenet")(_builder)
     globals()[_name] = _builder
-del _name, _app, _style, _builder
+del _name, _app, _style, _depth, _builder

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
-from typing import Callable
+from typing import Callable, Optional
 
 _REGISTRY: dict[str, "ModelSpec"] = {}
 _PREFIXES: dict[str, "ModelSpec"] = {}
@@ -32,6 +32,13 @@ class ModelSpec:
       default_image_size: resolution the model is meant for when data does not say.
       pretrained: whether `weights` makes sense for it (fine-tuning backbones).
       is_prefix: the name is a prefix taking an argument (`hub:<handle>`).
+      depth: the depth in the model's name as its paper counts it (20, 56, 50,
+        152), None where it has none.
+      depths: residual units per stage, () where not meaningful.
+      width: the architecture's width multiplier (BiT's x1/x3/x4), 1 otherwise.
+      residual: False for the plain (shortcut-free) CIFAR twins.
+      default_weights: what `pipeline.finetune` loads when `--weights` is unset
+        (a TF-Hub handle, `imagenet`), None where it trains from scratch.
     """
 
     name: str
@@ -40,6 +47,11 @@ class ModelSpec:
     default_image_size: int
     pretrained: bool = False
     is_prefix: bool = False
+    depth: Optional[int] = None
+    depths: tuple = ()
+    width: float = 1.0
+    residual: bool = True
+    default_weights: Optional[str] = None
 
     def options(self) -> set[str]:
         """Keyword options the builder accepts beyond the common contract."""
@@ -49,16 +61,18 @@ class ModelSpec:
 
 
 def register_model(name: str | None = None, *, family: str, default_image_size: int = 32,
-                   pretrained: bool = False, prefix: bool = False):
+                   pretrained: bool = False, prefix: bool = False, **architecture):
     """Decorator registering a builder under `name` (defaults to its function name).
 
     With `prefix=True`, `name` ends with ':' and the model is selected by names
     like `hub:<handle>`; the builder then receives `argument=<handle>`.
+    `architecture` sets the ModelSpec's metadata fields (`depth`, `depths`,
+    `width`, `residual`, `default_weights`).
     """
 
     def decorate(fn):
         key = name or fn.__name__
-        spec = ModelSpec(key, fn, family, default_image_size, pretrained, prefix)
+        spec = ModelSpec(key, fn, family, default_image_size, pretrained, prefix, **architecture)
         table = _PREFIXES if prefix else _REGISTRY
         if key in table:
             raise ValueError(f"model {key!r} is registered twice")
@@ -77,6 +91,11 @@ def list_models(family: str | None = None) -> list[str]:
     """Sorted names of registered (non-prefix) models, optionally of one family."""
     _ensure_loaded()
     return sorted(n for n, s in _REGISTRY.items() if family is None or s.family == family)
+
+
+def list_specs(family: str | None = None) -> list[ModelSpec]:
+    """The specs of registered (non-prefix) models, sorted by name, optionally of one family."""
+    return [_REGISTRY[n] for n in list_models(family)]
 
 
 def list_prefixes() -> list[str]:

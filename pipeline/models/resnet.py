@@ -316,7 +316,7 @@ def _resnet(name: str, depth: int, *, preact: bool, num_classes, input_shape, we
 # Each builder: `stem` "auto" | "cifar" | "imagenet", `pooling` "avg" | "max",
 # `width_multiplier` scales every stage's channels.
 
-@register_model(family="resnet", default_image_size=224)
+@register_model(family="resnet", default_image_size=224, depth=18, depths=_BLOCKS[18][1])
 def resnet18(*, num_classes, input_shape, weights=None, normalization=None,
              stem="auto", pooling="avg", width_multiplier=1.0):
     """ResNet-18: basic blocks (2, 2, 2, 2)."""
@@ -325,7 +325,7 @@ def resnet18(*, num_classes, input_shape, weights=None, normalization=None,
                    width_multiplier=width_multiplier)
 
 
-@register_model(family="resnet", default_image_size=224)
+@register_model(family="resnet", default_image_size=224, depth=34, depths=_BLOCKS[34][1])
 def resnet34(*, num_classes, input_shape, weights=None, normalization=None,
              stem="auto", pooling="avg", width_multiplier=1.0):
     """ResNet-34: basic blocks (3, 4, 6, 3)."""
@@ -334,7 +334,7 @@ def resnet34(*, num_classes, input_shape, weights=None, normalization=None,
                    width_multiplier=width_multiplier)
 
 
-@register_model(family="resnet", default_image_size=224)
+@register_model(family="resnet", default_image_size=224, depth=50, depths=_BLOCKS[50][1])
 def resnet50(*, num_classes, input_shape, weights=None, normalization=None,
              stem="auto", pooling="avg", width_multiplier=1.0):
     """ResNet-50: bottleneck blocks (3, 4, 6, 3)."""
@@ -343,7 +343,7 @@ def resnet50(*, num_classes, input_shape, weights=None, normalization=None,
                    width_multiplier=width_multiplier)
 
 
-@register_model(family="resnet", default_image_size=224)
+@register_model(family="resnet", default_image_size=224, depth=101, depths=_BLOCKS[101][1])
 def resnet101(*, num_classes, input_shape, weights=None, normalization=None,
               stem="auto", pooling="avg", width_multiplier=1.0):
     """ResNet-101: bottleneck blocks (3, 4, 23, 3)."""
@@ -352,7 +352,7 @@ def resnet101(*, num_classes, input_shape, weights=None, normalization=None,
                    stem=stem, pooling=pooling, width_multiplier=width_multiplier)
 
 
-@register_model(family="resnet", default_image_size=224)
+@register_model(family="resnet", default_image_size=224, depth=152, depths=_BLOCKS[152][1])
 def resnet152(*, num_classes, input_shape, weights=None, normalization=None,
               stem="auto", pooling="avg", width_multiplier=1.0):
     """ResNet-152: bottleneck blocks (3, 8, 36, 3)."""
@@ -361,7 +361,7 @@ def resnet152(*, num_classes, input_shape, weights=None, normalization=None,
                    stem=stem, pooling=pooling, width_multiplier=width_multiplier)
 
 
-@register_model(family="preact_resnet", default_image_size=224)
+@register_model(family="preact_resnet", default_image_size=224, depth=18, depths=_BLOCKS[18][1])
 def preact_resnet18(*, num_classes, input_shape, weights=None, normalization=None,
                     stem="auto", pooling="avg", width_multiplier=1.0):
     """Pre-activation ResNet-18: basic blocks (2, 2, 2, 2)."""
@@ -370,7 +370,7 @@ def preact_resnet18(*, num_classes, input_shape, weights=None, normalization=Non
                    stem=stem, pooling=pooling, width_multiplier=width_multiplier)
 
 
-@register_model(family="preact_resnet", default_image_size=224)
+@register_model(family="preact_resnet", default_image_size=224, depth=34, depths=_BLOCKS[34][1])
 def preact_resnet34(*, num_classes, input_shape, weights=None, normalization=None,
                     stem="auto", pooling="avg", width_multiplier=1.0):
     """Pre-activation ResNet-34: basic blocks (3, 4, 6, 3)."""
@@ -379,7 +379,7 @@ def preact_resnet34(*, num_classes, input_shape, weights=None, normalization=Non
                    stem=stem, pooling=pooling, width_multiplier=width_multiplier)
 
 
-@register_model(family="preact_resnet", default_image_size=224)
+@register_model(family="preact_resnet", default_image_size=224, depth=50, depths=_BLOCKS[50][1])
 def preact_resnet50(*, num_classes, input_shape, weights=None, normalization=None,
                     stem="auto", pooling="avg", width_multiplier=1.0):
     """Pre-activation ResNet-50: bottleneck blocks (3, 4, 6, 3)."""
@@ -388,7 +388,7 @@ def preact_resnet50(*, num_classes, input_shape, weights=None, normalization=Non
                    stem=stem, pooling=pooling, width_multiplier=width_multiplier)
 
 
-@register_model(family="preact_resnet", default_image_size=224)
+@register_model(family="preact_resnet", default_image_size=224, depth=101, depths=_BLOCKS[101][1])
 def preact_resnet101(*, num_classes, input_shape, weights=None, normalization=None,
                      stem="auto", pooling="avg", width_multiplier=1.0):
     """Pre-activation ResNet-101: bottleneck blocks (3, 4, 23, 3)."""
@@ -397,7 +397,7 @@ def preact_resnet101(*, num_classes, input_shape, weights=None, normalization=No
                    stem=stem, pooling=pooling, width_multiplier=width_multiplier)
 
 
-@register_model(family="preact_resnet", default_image_size=224)
+@register_model(family="preact_resnet", default_image_size=224, depth=152, depths=_BLOCKS[152][1])
 def preact_resnet152(*, num_classes, input_shape, weights=None, normalization=None,
                      stem="auto", pooling="avg", width_multiplier=1.0):
     """Pre-activation ResNet-152: bottleneck blocks (3, 8, 36, 3)."""

@@ -53,7 +53,8 @@ def _cifar_resnet(name: str, depth: int, *, shortcut: str, num_classes, input_sh
     return finish_model(inputs, x, name=name, num_classes=num_classes, weights=weights)
 
 
-@register_model(family="cifar_resnet", default_image_size=32)
+@register_model(family="cifar_resnet", default_image_size=32, depth=20, depths=(3, 3, 3),
+                residual=True)
 def resnet20(*, num_classes, input_shape, weights=None, normalization=None,
              shortcut="A", width_multiplier=1.0):
     """ResNet-20 (n=3, 0.27M params): 8.75% CIFAR-10 error in the paper."""
@@ -62,7 +63,8 @@ def resnet20(*, num_classes, input_shape, weights=None, normalization=None,
                          width_multiplier=width_multiplier)
 
 
-@register_model(family="cifar_resnet", default_image_size=32)
+@register_model(family="cifar_resnet", default_image_size=32, depth=32, depths=(5, 5, 5),
+                residual=True)
 def resnet32(*, num_classes, input_shape, weights=None, normalization=None,
              shortcut="A", width_multiplier=1.0):
     """ResNet-32 (n=5, 0.46M params): 7.51% CIFAR-10 error in the paper."""
@@ -71,7 +73,8 @@ def resnet32(*, num_classes, input_shape, weights=None, normalization=None,
                          width_multiplier=width_multiplier)
 
 
-@register_model(family="cifar_resnet", default_image_size=32)
+@register_model(family="cifar_resnet", default_image_size=32, depth=44, depths=(7, 7, 7),
+                residual=True)
 def resnet44(*, num_classes, input_shape, weights=None, normalization=None,
              shortcut="A", width_multiplier=1.0):
     """ResNet-44 (n=7, 0.66M params): 7.17% CIFAR-10 error in the paper."""
@@ -80,7 +83,8 @@ def resnet44(*, num_classes, input_shape, weights=None, normalization=None,
                          width_multiplier=width_multiplier)
 
 
-@register_model(family="cifar_resnet", default_image_size=32)
+@register_model(family="cifar_resnet", default_image_size=32, depth=56, depths=(9, 9, 9),
+                residual=True)
 def resnet56(*, num_classes, input_shape, weights=None, normalization=None,
              shortcut="A", width_multiplier=1.0):
     """ResNet-56 (n=9, 0.85M params): 6.97% CIFAR-10 error in the paper."""
@@ -89,7 +93,8 @@ def resnet56(*, num_classes, input_shape, weights=None, normalization=None,
                          width_multiplier=width_multiplier)
 
 
-@register_model(family="cifar_resnet", default_image_size=32)
+@register_model(family="cifar_resnet", default_image_size=32, depth=110, depths=(18, 18, 18),
+                residual=True)
 def resnet110(*, num_classes, input_shape, weights=None, normalization=None,
               shortcut="A", width_multiplier=1.0):
     """ResNet-110 (n=18, 1.7M params): 6.43% CIFAR-10 error in the paper."""
@@ -98,7 +103,8 @@ def resnet110(*, num_classes, input_shape, weights=None, normalization=None,
                          width_multiplier=width_multiplier)
 
 
-@register_model(family="cifar_resnet", default_image_size=32)
+@register_model(family="cifar_resnet", default_image_size=32, depth=1202, depths=(200, 200, 200),
+                residual=True)
 def resnet1202(*, num_classes, input_shape, weights=None, normalization=None,
                shortcut="A", width_multiplier=1.0):
     """ResNet-1202 (n=200, 19.4M params): the paper's overfitting example (7.93%)."""
@@ -107,7 +113,8 @@ def resnet1202(*, num_classes, input_shape, weights=None, normalization=None,
                          width_multiplier=width_multiplier)
 
 
-@register_model(family="cifar_resnet", default_image_size=32)
+@register_model(family="cifar_resnet", default_image_size=32, depth=20, depths=(3, 3, 3),
+                residual=False)
 def plain20(*, num_classes, input_shape, weights=None, normalization=None, width_multiplier=1.0):
     """Plain-20: ResNet-20 without shortcuts (the paper's degradation baseline)."""
     return _cifar_resnet("plain20", 20, shortcut=SHORTCUT_NONE, num_classes=num_classes,
@@ -115,7 +122,8 @@ def plain20(*, num_classes, input_shape, weights=None, normalization=None, width
                          width_multiplier=width_multiplier)
 
 
-@register_model(family="cifar_resnet", default_image_size=32)
+@register_model(family="cifar_resnet", default_image_size=32, depth=32, depths=(5, 5, 5),
+                residual=False)
 def plain32(*, num_classes, input_shape, weights=None, normalization=None, width_multiplier=1.0):
     """Plain-32: ResNet-32 without shortcuts."""
     return _cifar_resnet("plain32", 32, shortcut=SHORTCUT_NONE, num_classes=num_classes,
@@ -123,7 +131,8 @@ def plain32(*, num_classes, input_shape, weights=None, normalization=None, width
                          width_multiplier=width_multiplier)
 
 
-@register_model(family="cifar_resnet", default_image_size=32)
+@register_model(family="cifar_resnet", default_image_size=32, depth=44, depths=(7, 7, 7),
+                residual=False)
 def plain44(*, num_classes, input_shape, weights=None, normalization=None, width_multiplier=1.0):
     """Plain-44: ResNet-44 without shortcuts."""
     return _cifar_resnet("plain44", 44, shortcut=SHORTCUT_NONE, num_classes=num_classes,
@@ -131,7 +140,8 @@ def plain44(*, num_classes, input_shape, weights=None, normalization=None, width
                          width_multiplier=width_multiplier)
 
 
-@register_model(family="cifar_resnet", default_image_size=32)
+@register_model(family="cifar_resnet", default_image_size=32, depth=56, depths=(9, 9, 9),
+                residual=False)
 def plain56(*, num_classes, input_shape, weights=None, normalization=None, width_multiplier=1.0):
     """Plain-56: ResNet-56 without shortcuts (higher training error than plain-20)."""
     return _cifar_resnet("plain56", 56, shortcut=SHORTCUT_NONE, num_classes=num_classes,
@@ -139,7 +149,8 @@ def plain56(*, num_classes, input_shape, weights=None, normalization=None, width
                          width_multiplier=width_multiplier)
 
 
-@register_model(family="cifar_resnet", default_image_size=32)
+@register_model(family="cifar_resnet", default_image_size=32, depth=110, depths=(18, 18, 18),
+                residual=False)
 def plain110(*, num_classes, input_shape, weights=None, normalization=None, width_multiplier=1.0):
     """Plain-110: ResNet-110 without shortcuts (fails to converge well in the paper)."""
     return _cifar_resnet("plain110", 110, shortcut=SHORTCUT_NONE, num_classes=num_classes,
