@@ -135,7 +135,7 @@ def test_resnet_v2_preprocessing_matches_keras():
     np.testing.assert_allclose(np.asarray(layer(images)),
                                keras.applications.resnet_v2.preprocess_input(images * 255.0),
                                rtol=1e-5, atol=1e-5)
-    assert pretrained.KERAS_APPS["keras_resnet101v2"] == ("ResNet101V2", "tf")
+    assert pretrained.KERAS_APPS["keras_resnet101v2"] == ("ResNet101V2", "tf", 101)
 
 
 def test_imagenet_download_failure_is_a_weights_error(monkeypatch):
