@@ -69,7 +69,7 @@ def _valid_model(name):
 
 def define_train_flags(**defaults):
     from pipeline.training import precision, schedules
-    from pipeline.training.trainer import OPTIMIZERS
+    from pipeline.training.optimizers import OPTIMIZERS
     d = {"epochs": 30, "optimizer": "sgd", "learning_rate": 0.1, "schedule": "step",
          "lr_boundaries": [], **defaults}
     flags.DEFINE_integer("epochs", d["epochs"], "Epochs to train (ignored when a step budget is set).",

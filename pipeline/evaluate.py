@@ -6,9 +6,7 @@ Prints test loss and accuracy and per-class accuracy, and writes
 
 from absl import app, flags
 
-from pipeline import cli
-from pipeline import rundir
-from pipeline import training
+from pipeline import cli, rundir, training
 
 flags.DEFINE_string("model_dir", None, "Run directory to evaluate.", required=True)
 flags.DEFINE_enum("split", "test", ["test", "val"], "Which split to evaluate.")

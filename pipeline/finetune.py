@@ -7,13 +7,10 @@ SGD momentum 0.9, no weight decay, zero-initialized head. Any of them can be
 overridden by its flag. Other backbones typically use `--freeze_epochs` and
 `--backbone_lr_multiplier` with an ordinary schedule.
 """
-import dataclasses
-
 from absl import app, flags
 
-from pipeline import cli
-from pipeline import training
-from pipeline.models import get_spec
+from pipeline import cli, training
+from pipeline.training import finetuning
 
 cli.define_data_flags()
 cli.define_model_flags(default_model="bit_m_r50x1")
@@ -26,29 +23,12 @@ FLAGS.set_default("augment", "bit")
 FLAGS.set_default("batch_size", 64)
 FLAGS.set_default("mixup_alpha", None)
 
-# Where `--weights` is left unset, each family loads its usual pretrained weights.
-DEFAULT_WEIGHTS = {"bit": "hub", "keras_apps": "imagenet"}
-NO_WEIGHTS = ("none", "random")
-
-
-def finetune_config(fv):
-    """The train config plus fine-tuning defaults that depend on the chosen model."""
-    run = cli.run_config_from_flags(fv, "finetune")
-    weights = fv.weights
-    if weights is None:
-        weights = DEFAULT_WEIGHTS.get(get_spec(fv.model).family)
-    elif weights.lower() in NO_WEIGHTS:
-        weights = None
-    data = run.data
-    if fv.schedule == "hyperrule":
-        data = dataclasses.replace(data, resolution_rule="hyperrule")
-    return dataclasses.replace(run, data=data, model=dataclasses.replace(run.model, weights=weights))
-
 
 def run(argv):
     if FLAGS.resume:
         cli.reparse_with_run_flagfile(FLAGS)
-    return cli.after_training(FLAGS, training.train(finetune_config(FLAGS)))
+    run_config = finetuning.finetune_run(cli.run_config_from_flags(FLAGS, "finetune"))
+    return cli.after_training(FLAGS, training.train(run_config))
 
 
 def main(argv):

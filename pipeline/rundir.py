@@ -15,7 +15,9 @@ leaves a half-written checkpoint or summary behind.
 from __future__ import annotations
 
 import contextlib
+import csv
 import datetime
+import io
 import json
 import os
 import re
@@ -177,7 +179,6 @@ def prepare(model_dir: str, *, resume: bool) -> None:
 
 def read_metrics(model_dir: str) -> list[dict]:
     """Rows of metrics.csv as dicts of floats (epoch as int); [] if absent."""
-    import csv
 
     rows = []
     try:
@@ -195,11 +196,6 @@ def read_labels(model_dir: str) -> list[str]:
         return [line.rstrip("\n") for line in f if line.strip()]
 
 
-def _csv_cell(value) -> str:
-    value = str(value)
-    return f'"{value}"' if ("," in value or '"' in value) else value
-
-
 def write_evaluation(model_dir: str, split: str, result: dict) -> None:
     """`evaluation_<split>.json` and `confusion_<split>.csv` (rows: true class, columns: predicted).
 
@@ -207,7 +203,8 @@ def write_evaluation(model_dir: str, split: str, result: dict) -> None:
     """
     names = result["class_names"]
     rows = [["true\\predicted", *names]] + [[n, *map(str, row)] for n, row in zip(names, result["confusion"])]
-    write_text_atomic(path(model_dir, f"confusion_{split}.csv"),
-                      "\n".join(",".join(_csv_cell(c) for c in r) for r in rows) + "\n")
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows(rows)  # quotes (and doubles quotes) where needed
+    write_text_atomic(path(model_dir, f"confusion_{split}.csv"), text.getvalue())
     write_json_atomic(path(model_dir, f"evaluation_{split}.json"),
                       {k: v for k, v in result.items() if k != "confusion"})

@@ -1,8 +1,7 @@
 """Train a model from scratch: `python -m pipeline.train --flagfile=flags/quickstart.cfg`."""
 from absl import app, flags
 
-from pipeline import cli
-from pipeline import training
+from pipeline import cli, training
 
 cli.define_data_flags()
 cli.define_model_flags()

@@ -19,12 +19,9 @@ import pytest
 import tensorflow as tf
 
 from pipeline import config as cfg
-from pipeline.data import sources as data_lib
-from pipeline.training import distribute
-from pipeline.training import loop
-from pipeline import rundir
-from pipeline.training import schedules
-from pipeline.training import trainer as training
+from pipeline import data
+from pipeline import rundir, training
+from pipeline.training import distribute, loop, phases, schedules
 from tests.helpers import REPO, free_ports, last_line
 
 # --------------------------------------------------------------------------- pure rules
@@ -73,12 +70,12 @@ def test_global_batch_and_lr_scaling_rules():
         distribute.per_replica_batch(128, 3)
     assert distribute.lr_scale("none", 8) == 1.0
     assert distribute.lr_scale("linear", 8) == 8.0
-    assert training.scale_learning_rate(0.1, 4.0) == pytest.approx(0.4)
+    assert phases.scale_learning_rate(0.1, 4.0) == pytest.approx(0.4)
     spec = schedules.from_epochs("cosine", base_lr=0.1, epochs=2, steps_per_epoch=10)
-    scaled = training.scale_learning_rate(schedules.StepSchedule(spec), 2.0)
+    scaled = phases.scale_learning_rate(schedules.StepSchedule(spec), 2.0)
     assert float(scaled(0)) == pytest.approx(2 * float(schedules.StepSchedule(spec)(0)))
     t = cfg.TrainConfig(schedule="constant", optimizer=cfg.OptimizerConfig("sgd", 0.1))
-    assert training.schedule_for(t, t.optimizer, epochs=1, steps_per_epoch=1, start_epoch=0,
+    assert phases.schedule_for(t, t.optimizer, epochs=1, steps_per_epoch=1, start_epoch=0,
                                  lr_scale=2.0) == pytest.approx(0.2)
 
 
@@ -175,7 +172,7 @@ def test_train_drives_callbacks_like_fit_and_honours_stop_training(tmp_path):
         train=cfg.TrainConfig(epochs=3, steps_per_epoch=2, schedule="constant",
                               optimizer=cfg.OptimizerConfig("sgd", 0.05), precision="float32",
                               strategy="default", tensorboard=False, verbose=0))
-    datasets = data_lib.load_dataset(run.data)
+    datasets = data.load_dataset(run.data)
     calls, epoch_logs = [], []
 
     hooks = ["on_train_begin", "on_train_end", "on_epoch_begin", "on_train_batch_begin",
@@ -232,7 +229,7 @@ for name in ("default", "mirrored"):
 # Fine-tuning phases under the same strategy with mixed_float16, on a model built by the
 # caller (as the tuner does) in the strategy's scope: frozen epoch, then a backbone multiplier.
 import keras
-from pipeline import distribute
+from pipeline.training import distribute
 from tests.test_distribute import tiny_model
 keras.mixed_precision.set_global_policy("mixed_float16")
 with distribute.resolve_strategy("mirrored")[0].scope():

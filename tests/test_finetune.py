@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline import config as cfg
-from pipeline.training import init_from
-from pipeline.training import trainer as training
+from pipeline.training import init_from, optimizers
 from pipeline.models import create_model
 from tests.helpers import make_image_folder, run_cli
 from tests.test_pretrained import _save_feature_module
@@ -48,7 +47,7 @@ def test_finetune_bit_end_to_end_on_an_image_folder(folder, tmp_path):
 
 
 def test_finetune_hyperrule_picks_resolution_from_image_size(folder, tmp_path):
-    from pipeline.data import sources as data
+    from pipeline import data
     ds = data.load_dataset(cfg.DataConfig(dataset=f"folder:{folder}", augment="bit", batch_size=4,
                                           resolution_rule="hyperrule"))
     assert ds.image_size == 128  # 32x32 images are small: resize 160, crop 128
@@ -95,9 +94,9 @@ def test_backbone_lr_multiplier_scales_only_the_backbone():
     plain, scaled = _tiny_model(), _tiny_model()
     scaled.set_weights(plain.get_weights())
     opt = cfg.OptimizerConfig("sgd", 0.1, momentum=0.0)
-    d_plain = _one_step(plain, training.make_optimizer(opt, 0.1))
-    d_scaled = _one_step(scaled, training.make_optimizer(
-        opt, 0.1, backbone_lr_multiplier=0.1, head_variable_paths=training.head_variable_paths(scaled)))
+    d_plain = _one_step(plain, optimizers.make_optimizer(opt, 0.1))
+    d_scaled = _one_step(scaled, optimizers.make_optimizer(
+        opt, 0.1, backbone_lr_multiplier=0.1, head_variable_paths=optimizers.head_variable_paths(scaled)))
     conv = [p for p in d_plain if "conv" in p and "kernel" in p][0]
     head = [p for p in d_plain if "logits" in p and "kernel" in p][0]
     assert d_scaled[conv.replace(plain.name, scaled.name)] == pytest.approx(d_plain[conv] * 0.1, rel=1e-3)
@@ -127,3 +126,25 @@ def test_init_from_cli_on_a_new_task(digits_run, folder, tmp_path):
 def test_init_from_rejects_unrelated_sources(tmp_path):
     with pytest.raises(init_from.InitFromError, match="not a run directory"):
         init_from.find_checkpoint(str(tmp_path))
+
+
+def test_variable_key_adapter_matches_keras_and_backend_variables():
+    """`optimizers.variable_key` wraps Keras's private `Optimizer._var_key`: fail loudly if it changes.
+
+    The backbone multiplier relies on a Keras variable (what `build` sees) and its
+    backend variable (what `update_step` sees) mapping to one key.
+    """
+    optimizer = keras.optimizers.SGD(0.1)
+    assert callable(getattr(optimizer, "_var_key", None)), "Keras removed Optimizer._var_key"
+    a, b = keras.Variable(np.zeros(2), name="a"), keras.Variable(np.zeros(2), name="b")
+    key = optimizers.variable_key(optimizer, a)
+    assert optimizers.variable_key(optimizer, a.value) == key
+    assert optimizers.variable_key(optimizer, b) != key
+
+
+def test_backbone_lr_optimizer_is_a_real_subclass_built_up_front():
+    opt = cfg.OptimizerConfig("adam", 0.1)
+    optimizer = optimizers.make_optimizer(opt, 0.1, backbone_lr_multiplier=0.5, head_variable_paths={"x"})
+    assert isinstance(optimizer, keras.optimizers.Adam) and type(optimizer).__name__ == "BackboneLRAdam"
+    assert type(optimizer) is type(optimizers.make_optimizer(opt, 0.1, backbone_lr_multiplier=0.2))
+    assert optimizer.backbone_lr_multiplier == 0.5 and optimizer.head_variable_paths == {"x"}

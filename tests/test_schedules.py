@@ -3,6 +3,7 @@ import math
 
 import pytest
 
+from pipeline import hyperrule
 from pipeline.training import schedules
 
 
@@ -63,20 +64,20 @@ def test_keras_schedule_round_trips_through_config():
 @pytest.mark.parametrize("size,expected", [((32, 32), (160, 128)), ((95, 95), (160, 128)),
                                            ((96, 96), (512, 480)), ((500, 375), (512, 480))])
 def test_hyperrule_resolution(size, expected):
-    assert schedules.hyperrule_resolution(size) == expected
+    assert hyperrule.resolution(size) == expected
 
 
 @pytest.mark.parametrize("n,total", [(1_000, 500), (19_999, 500), (20_000, 10_000), (50_000, 10_000),
                                      (500_000, 20_000)])
 def test_hyperrule_step_budget(n, total):
-    assert schedules.hyperrule_steps(n)[-1] == total
+    assert hyperrule.steps_at_base_batch(n)[-1] == total
 
 
 def test_hyperrule_mixup_and_lr():
-    assert schedules.hyperrule_mixup(19_999) == 0.0
-    assert schedules.hyperrule_mixup(20_000) == 0.1
-    assert schedules.hyperrule_learning_rate(512) == pytest.approx(0.003)
-    assert schedules.hyperrule_learning_rate(64) == pytest.approx(0.003 / 8)
+    assert hyperrule.mixup_alpha(19_999) == 0.0
+    assert hyperrule.mixup_alpha(20_000) == 0.1
+    assert hyperrule.learning_rate(512) == pytest.approx(0.003)
+    assert hyperrule.learning_rate(64) == pytest.approx(0.003 / 8)
 
 
 def test_hyperrule_schedule_scales_steps_with_batch():
@@ -86,3 +87,10 @@ def test_hyperrule_schedule_scales_steps_with_batch():
     assert lr(spec.warmup_steps - 1, spec) == pytest.approx(spec.base_lr)
     assert lr(36_000, spec) == pytest.approx(spec.base_lr * 1e-3)
     assert math.isclose(spec.base_lr, 0.003 / 4)
+
+
+def test_hyperrule_step_budget_keeps_its_shape_for_an_explicit_total():
+    budget = hyperrule.steps(1_000, 512, total_steps=40)
+    assert budget == hyperrule.Steps(warmup=8, boundaries=(12, 24, 36), total=40)
+    spec = schedules.hyperrule_schedule(1_000, 512, total_steps=40)
+    assert (spec.warmup_steps, spec.boundaries, spec.total_steps) == (8, (12, 24, 36), 40)

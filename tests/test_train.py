@@ -11,7 +11,8 @@ import pytest
 
 from pipeline import config as cfg
 from pipeline import rundir
-from pipeline.training import trainer as training
+
+from pipeline.training import phases
 from tests.helpers import FAST, REPO, last_line, run_cli
 
 
@@ -144,6 +145,18 @@ def test_phases_split_at_unfreeze_and_switch():
     t = cfg.TrainConfig(epochs=10, freeze_epochs=2, switch_optimizer_epoch=5,
                         optimizer=cfg.OptimizerConfig("adam", 1e-3),
                         second_optimizer=cfg.OptimizerConfig("sgd", 1e-2))
-    phases = training.plan_phases(t, 10)
-    assert [(p.start, p.end, p.optimizer.name, p.freeze_backbone) for p in phases] == [
+    planned = phases.plan_phases(t, 10)
+    assert [(p.start, p.end, p.optimizer.name, p.freeze_backbone) for p in planned] == [
         (0, 2, "adam", True), (2, 5, "adam", False), (5, 10, "sgd", False)]
+
+
+def test_confusion_csv_quotes_class_names_as_csv_readers_expect(tmp_path):
+    import csv
+    import numpy as np
+    names = ['say "cheese"', "a,b", "plain"]
+    rundir.write_evaluation(str(tmp_path), "test", {"class_names": names, "confusion": np.eye(3, dtype=int),
+                                                    "loss": 0.1, "accuracy": 1.0})
+    with open(tmp_path / "confusion_test.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["true\\predicted", *names]
+    assert [r[0] for r in rows[1:]] == names and rows[1][1:] == ["1", "0", "0"]

@@ -45,19 +45,23 @@ def list_augmentations() -> list[str]:
     return sorted(AUGMENTATIONS)
 
 
+def check_augmentation(name: str) -> None:
+    """Raises ValueError (listing the choices) unless `name` is registered.
+
+    The data pipeline calls it before loading any data, so a typo fails fast.
+    """
+    if name not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {name!r}; choose one of {list_augmentations()}")
+
+
 def get_augmentation(name: str, image_size: int, resize_size: Optional[int] = None) -> AugmentFn:
     """Returns the per-example augmentation `name` built for `image_size`.
 
     Raises:
       ValueError: `name` is not registered (the message lists the choices).
     """
-    try:
-        factory = AUGMENTATIONS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown augmentation {name!r}; choose one of {list_augmentations()}"
-        ) from None
-    return factory(image_size, resize_size)
+    check_augmentation(name)
+    return AUGMENTATIONS[name](image_size, resize_size)
 
 
 def default_resize_size(image_size: int) -> int:

@@ -153,15 +153,6 @@ BIT_ARCHS: dict[str, BitArch] = {
 BIT_UPSTREAMS: dict[str, int] = {"s": 1000, "m": 21843}
 
 
-def arch_of(model_name: str) -> BitArch:
-    """The `BitArch` of a registered BiT name (`bit_m_r50x1` -> R50x1)."""
-    key = model_name.rsplit("_", 1)[-1]
-    if not model_name.startswith("bit_") or key not in BIT_ARCHS:
-        raise ValueError(f"{model_name!r} is not a BiT model name (bit_{{s,m}}_"
-                         f"{{{','.join(BIT_ARCHS)}}}).")
-    return BIT_ARCHS[key]
-
-
 def _root_filters(width: float) -> int:
     filters = 64 * width
     if filters != int(filters) or int(filters) % GN_GROUPS:
@@ -175,11 +166,6 @@ def _check_depths(depths: Sequence[int]) -> tuple[int, ...]:
     if len(depths) != len(STRIDES) or min(depths) < 1:
         raise ValueError(f"BiT depths must be {len(STRIDES)} positive unit counts, got {depths}.")
     return depths
-
-
-def feature_dim(width: float) -> int:
-    """Size of the pooled features (2048 * width)."""
-    return 32 * _root_filters(width)
 
 
 def bit_param_count(depths: Sequence[int], width: float, num_classes: int = 0) -> int:
@@ -545,7 +531,7 @@ def read_bit_weights(weights) -> BitWeights:
             with np.load(source, allow_pickle=False) as data:
                 pairs = [(k, data[k]) for k in data.files]
         except Exception as err:  # noqa: BLE001 - corrupt/truncated archive
-            raise hub_io.weights_error(source, f"unreadable .npz: {hub_io._short(err)}") from None
+            raise hub_io.weights_error(source, f"unreadable .npz: {hub_io.short_reason(err)}") from None
         return BitWeights(source, _named_arrays(pairs, source))
     path = hub_io.resolve_handle(source)
     module = hub_io.load_saved_model(path, handle=source)

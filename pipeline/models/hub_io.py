@@ -44,7 +44,7 @@ class WeightsError(ValueError):
     """Pretrained weights cannot be obtained, read or mapped onto the model."""
 
 
-def _short(err: BaseException, limit: int = 200) -> str:
+def short_reason(err: BaseException, limit: int = 200) -> str:
     """A one-line description of an exception for user-facing messages."""
     text = " ".join(str(err).split())
     if len(text) > limit:
@@ -127,7 +127,7 @@ def check_reachable(url: str, timeout: float = DEFAULT_CONNECT_TIMEOUT) -> None:
     if "error" not in outcome:
         raise weights_error(url, f"no connection to {host}:{port} within {timeout:g}s")
     if outcome["error"] is not None:
-        raise weights_error(url, f"{host} is unreachable: {_short(outcome['error'])}")
+        raise weights_error(url, f"{host} is unreachable: {short_reason(outcome['error'])}")
 
 
 @contextlib.contextmanager
@@ -184,7 +184,7 @@ def resolve_handle(handle: Any, *, connect_timeout: float = DEFAULT_CONNECT_TIME
         with _socket_timeout(download_timeout):
             path = hub.resolve(handle)
     except Exception as err:  # noqa: BLE001 - every hub/urllib/OS failure means the same
-        raise weights_error(handle, _short(err)) from None
+        raise weights_error(handle, short_reason(err)) from None
     return _check_saved_model_dir(path, handle)
 
 
@@ -195,7 +195,7 @@ def load_saved_model(path: str, *, handle: Any = None):
         return tf.saved_model.load(path)
     except Exception as err:  # noqa: BLE001
         raise weights_error(handle if handle is not None else path,
-                            f"the SavedModel does not load: {_short(err)}") from None
+                            f"the SavedModel does not load: {short_reason(err)}") from None
 
 
 def saved_model_variables(obj) -> list[tuple[str, np.ndarray]]:
@@ -227,7 +227,7 @@ def call_module(obj, images: np.ndarray, *, handle: Any = None) -> np.ndarray:
     try:
         out = obj(tf.constant(images, tf.float32))
     except Exception as err:  # noqa: BLE001
-        raise weights_error(handle, f"calling the module on images failed: {_short(err)}") from None
+        raise weights_error(handle, f"calling the module on images failed: {short_reason(err)}") from None
     if isinstance(out, dict):
         if "default" in out:
             out = out["default"]

@@ -46,17 +46,6 @@ def head_layers(model: keras.Model) -> list[keras.layers.Layer]:
     return [model.get_layer(HEAD)]
 
 
-def backbone_variables(model: keras.Model) -> list:
-    """Trainable variables of the backbone (for a backbone learning-rate multiplier)."""
-    seen, out = set(), []
-    for layer in backbone_layers(model):
-        for var in layer.trainable_weights:
-            if id(var) not in seen:
-                seen.add(id(var))
-                out.append(var)
-    return out
-
-
 def set_backbone_trainable(model: keras.Model, trainable: bool) -> None:
     """Freeze (False) or unfreeze (True) the backbone; recompile the model afterwards."""
     for layer in backbone_layers(model):
@@ -117,7 +106,7 @@ def hub_model(*, num_classes, input_shape, weights=None, normalization=None, arg
                                           dtype="float32", name=BACKBONE)
     except Exception as err:  # noqa: BLE001 - any failure means "not a usable module"
         raise hub_io.weights_error(argument, f"not a TF-Hub image module with a __call__: "
-                                             f"{hub_io._short(err)}") from None
+                                             f"{hub_io.short_reason(err)}") from None
     logging.warning("hub:%s computes in float32 whatever the precision policy (%s): a SavedModel "
                  "keeps the dtypes it was saved with.", argument,
                  keras.config.dtype_policy().name)
@@ -173,7 +162,7 @@ def _preprocessing(style: str) -> keras.layers.Layer:
 def _imagenet_error(model_name: str, err: BaseException) -> WeightsError:
     return WeightsError(
         f"Cannot get the ImageNet weights of {model_name} from Keras Applications "
-        f"({hub_io._short(err)}); connect to the network once (Keras caches them in "
+        f"({hub_io.short_reason(err)}); connect to the network once (Keras caches them in "
         f"~/.keras/models), or pass --weights=<path to a weights file> (a .weights.h5 saved "
         f"from the backbone, or the Keras Applications .h5).")
 
@@ -197,7 +186,7 @@ def _keras_backbone(app_name: str, model_name: str, weights, input_shape):
         backbone.load_weights(path)
     except Exception as err:  # noqa: BLE001 - wrong file / topology
         raise WeightsError(f"Cannot load {path!r} into the {model_name} backbone "
-                           f"({hub_io._short(err)}); the file must hold weights of "
+                           f"({hub_io.short_reason(err)}); the file must hold weights of "
                            f"keras.applications.{app_name}(include_top=False).") from None
     return backbone
 

@@ -8,7 +8,10 @@ for ResNet-20), float32 everywhere else (bf16 emulated in software is slower).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
+from typing import Optional
 
 import keras
 
@@ -16,22 +19,50 @@ POLICIES = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 _BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
-@functools.lru_cache(maxsize=None)
-def cpu_flags(cpuinfo_path: str = "/proc/cpuinfo") -> frozenset:
-    """The CPU feature flags of the first processor ('' if unreadable, e.g. not Linux)."""
+@dataclasses.dataclass(frozen=True)
+class CpuInfo:
+    """What `/proc/cpuinfo` says about the first processor.
+
+    Attributes:
+      model: its `model name` (None when unknown, e.g. not Linux).
+      flags: its feature flags (empty when unknown).
+    """
+
+    model: Optional[str]
+    flags: frozenset
+
+
+def read_cpuinfo(cpuinfo_path: str = "/proc/cpuinfo") -> CpuInfo:
+    """The model name and feature flags of the first processor listed in `cpuinfo_path`.
+
+    The one reader of the CPU's features: the precision rule (native bf16), the
+    run summary's device and the benchmark's machine line all use it.
+    """
+    model, flags = None, None
     try:
         with open(cpuinfo_path, encoding="utf-8") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                key, _, value = line.partition(":")
+                if model is None and key.strip() == "model name":
+                    model = value.strip()
+                elif flags is None and key.strip() == "flags":
+                    flags = frozenset(value.split())
+                if model is not None and flags is not None:
+                    break
     except OSError:
         pass
-    return frozenset()
+    return CpuInfo(model, flags or frozenset())
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_info() -> CpuInfo:
+    """`read_cpuinfo()` of this machine, read once per process."""
+    return read_cpuinfo()
 
 
 def cpu_has_bf16(flags: frozenset | None = None) -> bool:
     """Whether the CPU has native bfloat16 arithmetic (AVX512-BF16 or AMX)."""
-    flags = cpu_flags() if flags is None else flags
+    flags = cpu_info().flags if flags is None else flags
     return any(f in flags for f in _BF16_CPU_FLAGS)
 
 
@@ -87,12 +118,5 @@ def device_description() -> str:
     if gpus:
         names = [tf.config.experimental.get_device_details(g).get("device_name", "GPU") for g in gpus]
         return f"{len(gpus)} x {names[0]}"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    import os
-                    return f"CPU {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return "CPU"
+    model = cpu_info().model
+    return "CPU" if model is None else f"CPU {model} ({os.cpu_count()} cores)"

@@ -1,4 +1,4 @@
-"""Learning-rate schedules and the BiT-HyperRule, as small pure functions.
+"""Learning-rate schedules as small pure functions (the BiT-HyperRule's numbers: `pipeline.hyperrule`).
 
 Every schedule is expressed in optimizer steps so that epoch-based recipes
 (He et al.: /10 at epochs 82 and 123) and step-based ones (BiT-HyperRule: /10 at
@@ -13,6 +13,8 @@ import math
 
 import keras
 from keras import ops
+
+from pipeline import hyperrule
 
 SCHEDULES = ("constant", "step", "exponential", "cosine", "hyperrule")
 
@@ -97,45 +99,9 @@ def from_epochs(kind: str, *, base_lr: float, epochs: int, steps_per_epoch: int,
         step_offset=step_offset_epochs * steps_per_epoch)
 
 
-# ---- BiT-HyperRule (Kolesnikov et al. 2020, google-research/big_transfer) ----
-
-HYPERRULE_BASE_BATCH = 512
-HYPERRULE_BASE_LR = 0.003
-
-
-def hyperrule_resolution(original_size: tuple[int, int]) -> tuple[int, int]:
-    """(resize, crop): small images (area < 96x96) go to 160/128, others to 512/480."""
-    h, w = original_size
-    return (160, 128) if h * w < 96 * 96 else (512, 480)
-
-
-def hyperrule_steps(dataset_size: int) -> tuple[int, int, int, int, int]:
-    """BiT's schedule at batch 512: (warm-up end, 3 decay steps, total steps)."""
-    if dataset_size < 20_000:
-        return (100, 200, 300, 400, 500)
-    if dataset_size < 500_000:
-        return (500, 3000, 6000, 9000, 10_000)
-    return (500, 6000, 12_000, 18_000, 20_000)
-
-
-def hyperrule_mixup(dataset_size: int) -> float:
-    """MixUp alpha: 0.1 from 20k examples on, none below."""
-    return 0.1 if dataset_size >= 20_000 else 0.0
-
-
-def hyperrule_learning_rate(batch_size: int) -> float:
-    """0.003 at batch 512, scaled linearly with the batch size."""
-    return HYPERRULE_BASE_LR * batch_size / HYPERRULE_BASE_BATCH
-
-
-def hyperrule_schedule(dataset_size: int, batch_size: int) -> ScheduleSpec:
-    """The whole HyperRule schedule for a batch size.
-
-    The step budget is defined at batch 512; with a smaller batch the same
-    number of examples is seen, so steps scale by 512 / batch_size.
-    """
-    scale = HYPERRULE_BASE_BATCH / batch_size
-    warmup, *decays, total = (int(round(s * scale)) for s in hyperrule_steps(dataset_size))
-    return ScheduleSpec(kind="hyperrule", base_lr=hyperrule_learning_rate(batch_size),
-                        total_steps=total, warmup_steps=warmup, boundaries=tuple(decays),
-                        decay=0.1)
+def hyperrule_schedule(dataset_size: int, batch_size: int, total_steps: int | None = None) -> ScheduleSpec:
+    """The BiT-HyperRule schedule (`pipeline.hyperrule`) for a batch size, or for a step budget."""
+    budget = hyperrule.steps(dataset_size, batch_size, total_steps)
+    return ScheduleSpec(kind="hyperrule", base_lr=hyperrule.learning_rate(batch_size),
+                        total_steps=budget.total, warmup_steps=budget.warmup, boundaries=budget.boundaries,
+                        decay=hyperrule.DECAY)

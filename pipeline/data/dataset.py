@@ -1,0 +1,208 @@
+"""The shared tf.data pipeline behind every source: `load_dataset(DataConfig) -> Datasets`.
+
+Every split is a batched `tf.data.Dataset` of `(image, label)`: image float32
+`[B, H, W, 3]` RGB in [0, 1], label int32 `[B]`. Data never normalizes for a
+model: `Datasets.mean` / `Datasets.std` are handed to models so they can.
+
+Pipeline (tf.data performance guide): source -> parallel decode (+ resize of
+variable-size images so the shorter side is the largest size augmentation
+needs) -> cache (uint8, when `cache` and it fits in `CACHE_LIMIT_BYTES`) ->
+shuffle(seed) -> augmentation (train, per-example stateless seeds) or
+`eval_transform` (val/test) -> batch -> prefetch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import List, Optional, Tuple
+
+import numpy as np
+import tensorflow as tf
+
+from pipeline import hyperrule
+from pipeline.config import DataConfig
+from pipeline.data import augment
+from pipeline.data.registry import SOURCES, DataError, Source, Split, resolve
+
+AUTOTUNE = tf.data.AUTOTUNE
+DEFAULT_IMAGE_SIZE = 224
+CACHE_LIMIT_BYTES = 2 * 1024**3
+STATS_MAX_IMAGES = 2000
+
+# Every source is DATA-sharded. A folder source reads files inside a `map`, which
+# tf.data's FILE auto-shard cannot split ("Found an unshardable source dataset").
+SHARD_POLICY = tf.data.experimental.AutoShardPolicy.DATA
+
+
+@dataclasses.dataclass(frozen=True)
+class Datasets:
+    """What `load_dataset` returns.
+
+    Attributes:
+      train: batched, shuffled, augmented `(image float32 [B,H,W,3] in [0,1], label int32 [B])`.
+      val, test: batched with `eval_transform`; None when the source has no such split.
+      class_names: label index -> name.
+      num_train, num_val, num_test: examples per split (0 for a missing split).
+      image_size: square side of every image the datasets yield.
+      mean, std: per-channel RGB statistics of the training images in [0, 1].
+      name: the dataset spec as given (`digits`, `cifar10`, `folder:/data/x`).
+      num_skipped: files a folder source skipped as unreadable or not images.
+    """
+
+    train: tf.data.Dataset
+    val: Optional[tf.data.Dataset]
+    test: Optional[tf.data.Dataset]
+    class_names: List[str]
+    num_train: int
+    num_val: int
+    num_test: int
+    image_size: int
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+    name: str
+    num_skipped: int = 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def _to_float(image: tf.Tensor) -> tf.Tensor:
+    """uint8 -> float32 [0, 1]; float32 passes through."""
+    return tf.image.convert_image_dtype(image, tf.float32)
+
+
+def _decoded(split: Split, base_size: int) -> tf.data.Dataset:
+    ds = split.elements
+    if split.decode is not None:
+        decode = split.decode
+        ds = ds.map(lambda *item: decode(*item, base_size), num_parallel_calls=AUTOTUNE)
+    return ds
+
+
+def _mean_std(split: Split, base_size: int) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """Per-channel mean/std over (up to) the first STATS_MAX_IMAGES training images."""
+
+    def sums(image, label):
+        del label
+        x = _to_float(image)
+        pixels = tf.cast(tf.shape(x)[0] * tf.shape(x)[1], tf.float32)
+        return tf.reduce_sum(x, [0, 1]), tf.reduce_sum(tf.square(x), [0, 1]), pixels
+
+    ds = _decoded(dataclasses.replace(split, elements=split.elements.take(STATS_MAX_IMAGES)), base_size)
+    ds = ds.map(sums, num_parallel_calls=AUTOTUNE).batch(256)
+    total, total_sq, count = np.zeros(3), np.zeros(3), 0.0
+    for s, sq, n in ds.as_numpy_iterator():
+        total += s.sum(0, dtype=np.float64)
+        total_sq += sq.sum(0, dtype=np.float64)
+        count += float(n.sum(dtype=np.float64))
+    if count == 0:
+        raise DataError("The training split is empty.")
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def _pipeline(
+    split: Split,
+    source: Source,
+    config: DataConfig,
+    *,
+    training: bool,
+    image_size: int,
+    resize_size: Optional[int],
+    base_size: int,
+) -> tf.data.Dataset:
+    stored = source.native_size or base_size
+    est_bytes = split.size * stored * stored * 3 * source.bytes_per_pixel
+    if source.native_size is None:
+        est_bytes = est_bytes * 4 // 3  # non-square images: the longer side is larger
+    cache = config.cache and not source.in_memory and est_bytes < CACHE_LIMIT_BYTES
+    buffer = max(1, min(config.shuffle_buffer, split.size))
+
+    ds = split.elements
+    if training and not cache:  # shuffle cheap items (paths, encoded bytes) before decoding
+        ds = ds.shuffle(buffer, seed=config.seed, reshuffle_each_iteration=True)
+    ds = _decoded(dataclasses.replace(split, elements=ds), base_size)
+    if cache:
+        ds = ds.cache()
+    if training:
+        if cache:
+            ds = ds.shuffle(buffer, seed=config.seed, reshuffle_each_iteration=True)
+        aug = augment.get_augmentation(config.augment, image_size, resize_size)
+        seeds = tf.data.Dataset.random(seed=config.seed, rerandomize_each_iteration=True).batch(
+            2, drop_remainder=True
+        )
+        ds = tf.data.Dataset.zip((ds, seeds)).map(
+            lambda example, seed: (aug(_to_float(example[0]), seed), example[1]),
+            num_parallel_calls=AUTOTUNE,
+        )
+    else:
+        transform = augment.eval_transform(image_size, resize_size)
+        ds = ds.map(lambda image, label: (transform(_to_float(image)), label), num_parallel_calls=AUTOTUNE)
+    # Eval never drops a remainder: every val/test example counts.
+    ds = ds.batch(config.batch_size, drop_remainder=config.drop_remainder and training)
+    ds = ds.prefetch(AUTOTUNE)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = SHARD_POLICY
+    return ds.with_options(options)
+
+
+def _sizes(config: DataConfig, source: Source) -> Tuple[int, Optional[int]]:
+    """(image_size, resize_size): the config's, else the stored size or BiT-HyperRule's."""
+    image_size = config.image_size or source.native_size or DEFAULT_IMAGE_SIZE
+    resize_size = config.resize_size
+    if config.resolution_rule == "hyperrule" and not config.image_size:
+        # BiT-HyperRule: decided by the stored size (varying sizes count as large).
+        size = (source.native_size,) * 2 if source.native_size else source.typical_size
+        resize_size, image_size = hyperrule.resolution(size or (DEFAULT_IMAGE_SIZE,) * 2)
+    if resize_size is None and config.augment == "bit":  # train and eval at the same scale
+        resize_size = augment.default_resize_size(image_size)
+    if resize_size is not None and resize_size < image_size:
+        raise ValueError(f"resize_size {resize_size} is smaller than image_size {image_size}")
+    return image_size, resize_size
+
+
+def load_dataset(config: DataConfig) -> Datasets:
+    """Builds train/val/test input pipelines for `config.dataset`.
+
+    Args:
+      config: a DataConfig; see `pipeline.data` for `dataset` specs.
+
+    Returns:
+      Datasets with batched pipelines, class names, sizes, image size and
+      training-set mean/std.
+
+    Raises:
+      DataError: the data is absent (and cannot be downloaded), a folder or
+        class folder is missing or empty, a split name is unknown, or (with
+        `strict_images`) a folder holds unreadable files.
+      ValueError: an unknown augmentation or a bad size/batch setting.
+    """
+    if config.batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {config.batch_size}")
+    augment.check_augmentation(config.augment)
+    prefix, spec = resolve(config.dataset)
+    source = SOURCES[prefix](spec, config)
+    image_size, resize_size = _sizes(config, source)
+    base_size = max(image_size, resize_size or 0)
+
+    mean, std = source.stats or _mean_std(source.train, base_size)
+    build = functools.partial(
+        _pipeline, source=source, config=config, image_size=image_size,
+        resize_size=resize_size, base_size=base_size,
+    )
+    return Datasets(
+        train=build(source.train, training=True),
+        val=build(source.val, training=False) if source.val else None,
+        test=build(source.test, training=False) if source.test else None,
+        class_names=list(source.class_names),
+        num_train=source.train.size,
+        num_val=source.val.size if source.val else 0,
+        num_test=source.test.size if source.test else 0,
+        image_size=image_size,
+        mean=tuple(mean),
+        std=tuple(std),
+        name=config.dataset,
+        num_skipped=source.num_skipped,
+    )

@@ -1,0 +1,32 @@
+"""What fine-tuning changes in a run's configuration: the model's own pretrained weights and the HyperRule data.
+
+`pipeline.finetune` applies it to the flags' RunConfig; a search over
+fine-tuning runs can apply the same rule. The weights come from the registry's
+metadata (`ModelSpec.default_weights`), never from the model's name.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from pipeline import config as cfg
+from pipeline.models import get_spec
+
+# `--weights` values that mean "train from random initialization".
+NO_WEIGHTS = ("none", "random")
+
+
+def resolve_weights(model_name: str, weights: Optional[str]) -> Optional[str]:
+    """The weights a fine-tuning run loads: the model's own pretrained ones when unset, none for 'none'/'random'."""
+    if weights is None:
+        return get_spec(model_name).default_weights
+    return None if weights.lower() in NO_WEIGHTS else weights
+
+
+def finetune_run(run: cfg.RunConfig) -> cfg.RunConfig:
+    """`run` with fine-tuning's model-dependent defaults (weights; HyperRule resolution with its schedule)."""
+    data = run.data
+    if run.train.schedule == "hyperrule":
+        data = dataclasses.replace(data, resolution_rule="hyperrule")
+    model = dataclasses.replace(run.model, weights=resolve_weights(run.model.name, run.model.weights))
+    return dataclasses.replace(run, data=data, model=model)
