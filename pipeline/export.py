@@ -7,7 +7,7 @@ described in `pipeline.serving.export`.
 """
 from absl import app, flags
 
-from pipeline import cli
+from pipeline import cli, rundir
 from pipeline.serving import export
 
 flags.DEFINE_string("model_dir", None, "Run directory to export.", required=True)
@@ -15,7 +15,7 @@ flags.DEFINE_string("name", None, "Export name (default <model>-<dataset> of the
 flags.DEFINE_string("export_dir", "saved_models", "Folder holding <name>/<version>/ exports.")
 flags.DEFINE_integer("version", None, "Integer version (default: the next free one).", lower_bound=1)
 flags.DEFINE_bool("overwrite", False, "Replace an existing --version (atomically).")
-flags.DEFINE_enum("checkpoint", "best", list(export.CHECKPOINTS), "Which checkpoint to export.")
+flags.DEFINE_enum("checkpoint", "best", list(rundir.CHECKPOINTS), "Which checkpoint to export.")
 FLAGS = flags.FLAGS
 
 

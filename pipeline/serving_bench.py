@@ -26,12 +26,8 @@ FLAGS = flags.FLAGS
 
 def run(argv):
     cli.no_arguments(argv)
-    try:
-        batch_sizes = [int(b) for b in FLAGS.batch_sizes]
-    except ValueError:
-        raise ValueError(f"--batch_sizes must be integers, got {','.join(FLAGS.batch_sizes)}.") from None
-    result = latency.measure(FLAGS.export, FLAGS.image_size, batch_sizes, FLAGS.iterations,
-                             signature=FLAGS.signature, warmup=FLAGS.warmup,
+    result = latency.measure(FLAGS.export, FLAGS.image_size, [int(b) for b in FLAGS.batch_sizes],
+                             FLAGS.iterations, signature=FLAGS.signature, warmup=FLAGS.warmup,
                              max_seconds=FLAGS.max_seconds, threads=FLAGS.threads)
     for m in result["measurements"]:
         print(json.dumps({"export": result["export"], "signature": result["signature"],

@@ -4,13 +4,12 @@ Takes every `pipeline.train` flag (the untuned recipe: the default trial) plus
 the search flags below; see `pipeline.tuning` and the README's "Hyperparameter
 search" section. Rerun the same command with `--tune_dir=<dir>` to resume.
 """
-import dataclasses
-
 from absl import app, flags
 
-from pipeline import cli
-from pipeline import rundir, workflow
-from pipeline.tuning import search as tuning
+from pipeline import cli, rundir, workflow
+from pipeline.tuning import hypermodel as hypermodels
+from pipeline.tuning import layout, results, runner
+from pipeline.tuning import space as search_space
 
 cli.define_data_flags()
 cli.define_model_flags()
@@ -22,10 +21,10 @@ cli.define_run_flags()
 def define_tune_flags():
     flags.DEFINE_string("tune_dir", None, "Search directory (default tuning/<model>-<dataset>-<time>); "
                         "rerunning with the same --tune_dir resumes the search.")
-    flags.DEFINE_enum("tuner", "random", list(tuning.TUNERS), "Search algorithm.")
+    flags.DEFINE_enum("tuner", "random", list(hypermodels.TUNERS), "Search algorithm.")
     flags.DEFINE_integer("max_trials", 10, "Trials to run in total (a resumed search counts earlier ones).",
                          lower_bound=1)
-    flags.DEFINE_enum("objective", "val_accuracy", list(tuning.OBJECTIVES), "What the search optimizes.")
+    flags.DEFINE_enum("objective", "val_accuracy", list(layout.OBJECTIVES), "What the search optimizes.")
     flags.DEFINE_integer("executions_per_trial", 1, "Runs per trial (seeds --seed, --seed+1, ...), averaged.",
                          lower_bound=1)
     flags.DEFINE_integer("max_epochs_per_trial", None, "Epochs of each trial (hyperband: the largest "
@@ -36,8 +35,8 @@ def define_tune_flags():
                          "process (default 3 per hyperparameter).", lower_bound=1)
     flags.DEFINE_bool("overwrite", False, "Delete the search in --tune_dir and start afresh.")
     flags.DEFINE_list("tune", None, "Hyperparameters to search (the rest stay at their flag values); "
-                      f"default: all that apply. Names: {', '.join(tuning.HYPERPARAMETERS)}.")
-    for spec in tuning.HYPERPARAMETERS.values():
+                      f"default: all that apply. Names: {', '.join(search_space.HYPERPARAMETERS)}.")
+    for spec in search_space.HYPERPARAMETERS.values():
         what = "values" if spec.kind == "choice" else f"lo,hi{' (log scale)' if spec.log else ''}"
         default = (",".join(map(str, spec.values)) if spec.kind == "choice"
                    else f"{spec.low:g},{spec.high:g}")
@@ -54,55 +53,22 @@ define_tune_flags()
 FLAGS = flags.FLAGS
 
 
-def base_run_config(fv, verb="train"):
-    """The untuned RunConfig, with its flags text, from parsed flags (what the default trial runs).
-
-    For `pipeline.train` the flags text leaves out the fine-tuning flags it does
-    not define (they are at their defaults: TrainConfig's); for `pipeline.finetune`
-    it states `--weights` (the trials train exactly these flags, without
-    finetune's model-dependent defaults).
-    """
-    if fv.model_dir:
-        raise ValueError("--model_dir is not used by pipeline.tune: each trial runs in <tune_dir>/trials/<id>; "
-                         "set --tune_dir.")
-    run = cli.run_config_from_flags(fv, verb)
-    if verb == "train":
-        pins = {name: None for name in tuning.FINETUNE_FLAGS}
-    else:  # pipeline.finetune would pick pretrained weights for an unset --weights; the trials use none
-        pins = {"weights": run.model.weights or "none"}
-    return dataclasses.replace(run, flags_text=tuning.override_flags_text(run.flags_text, pins))
-
-
-def search_space(fv, base):
-    ranges, choices = {}, {}
-    for spec in tuning.HYPERPARAMETERS.values():
-        value = getattr(fv, spec.flag)
-        if value is not None:
-            (choices if spec.kind == "choice" else ranges)[spec.name] = value
-    return tuning.make_search_space(base, tune=fv.tune, ranges=ranges, choices=choices)
-
-
 def run(argv):
-    if len(argv) > 1:
-        raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
-    base = base_run_config(FLAGS)
-    space = search_space(FLAGS, base)
-    # Trials that freeze or scale the backbone are pipeline.finetune runs (its flags name them).
-    if any(FLAGS[n].value != FLAGS[n].default or n in space.names for n in tuning.FINETUNE_FLAGS):
-        verb = "finetune"
-        base = base_run_config(FLAGS, verb)
-    else:
-        verb = "train"
+    cli.no_arguments(argv)
+    runner.check_model_dir_unset(FLAGS.model_dir)
+    base = runner.base_run_config(cli.run_config_from_flags(FLAGS, "train"), "train")
+    values = {spec.flag: FLAGS[spec.flag].value for spec in search_space.HYPERPARAMETERS.values()}
+    space = search_space.space_from_flag_values(base, tune=FLAGS.tune, values=values)
+    verb = runner.trial_verb(base, space)
+    if verb != "train":
+        base = runner.base_run_config(cli.run_config_from_flags(FLAGS, verb), verb)
     tune_dir = FLAGS.tune_dir or rundir.default_model_dir(FLAGS.model, FLAGS.dataset, root="tuning")
-    result = tuning.search(
+    result = runner.search(
         base, space, tune_dir, tuner=FLAGS.tuner, max_trials=FLAGS.max_trials, objective=FLAGS.objective,
         executions_per_trial=FLAGS.executions_per_trial, max_epochs_per_trial=FLAGS.max_epochs_per_trial,
         early_stopping_patience=FLAGS.early_stopping_patience, overwrite=FLAGS.overwrite,
         resume=FLAGS.resume, initial_random_trials=FLAGS.initial_random_trials, verb=verb)
-    if result.role == "worker":
-        print("worker finished: the chief writes trials.csv and best.cfg", flush=True)
-        return result
-    print(tuning.format_results(result), flush=True)
+    print(results.format_results(result), flush=True)
     return workflow.after_search(result, tune_dir, verb=verb, export_best=FLAGS.export_best,
                                  export_dir=FLAGS.export_dir, export_name=FLAGS.export_name,
                                  report=FLAGS.report)

@@ -17,3 +17,21 @@ def digits_run(tmp_path_factory):
     assert os.path.isdir(model_dir)
     return {"model_dir": model_dir, "export_root": export_root, "stdout": proc.stdout,
             "stderr": proc.stderr}
+
+
+def _checkout_outputs():
+    from tests.helpers import REPO
+    found = set()
+    for top in ("saved_models", "runs", "tuning"):
+        for root, _, files in os.walk(os.path.join(REPO, top)):
+            found.update(os.path.relpath(os.path.join(root, f), REPO) for f in files)
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_stays_clean():
+    """Tests write only under their temporary directories: fail if one wrote into the checkout."""
+    before = _checkout_outputs()
+    yield
+    added = sorted(_checkout_outputs() - before)
+    assert not added, f"tests wrote into the checkout: {added[:5]}"

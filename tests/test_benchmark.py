@@ -57,20 +57,21 @@ def test_unknown_model_is_a_one_line_error():
 
 
 def test_random_source_and_summaries():
-    from pipeline.perf import benchmarks as bench
     from pipeline import config as cfg
-    from pipeline.data import sources as data_lib
+    from pipeline import data
+    from pipeline.perf import benchmarks as bench
+    from pipeline.perf import synthetic
 
-    ds = data_lib.load_dataset(cfg.DataConfig(dataset=bench.random_spec(10, 8, 3), batch_size=4,
-                                              augment="cifar", drop_remainder=True))
+    ds = data.load_dataset(cfg.DataConfig(dataset=synthetic.random_spec(10, 8, 3), batch_size=4,
+                                          augment="cifar", drop_remainder=True))
     assert ds.num_train == 10 and ds.image_size == 8 and len(ds.class_names) == 3
     images, labels = next(iter(ds.train))
     assert images.shape == (4, 8, 8, 3) and labels.shape == (4,)
-    with pytest.raises(data_lib.DataError, match="random:<examples>x<size>"):
-        data_lib.load_dataset(cfg.DataConfig(dataset="random:abc"))
+    with pytest.raises(data.DataError, match="random:<examples>x<size>"):
+        data.load_dataset(cfg.DataConfig(dataset="random:abc"))
 
     s = bench.summarize_steps(10, 2.0, [0.2] * 9 + [0.5], 8)
     assert s["images_per_second"] == 40.0 and s["images_per_second_median_step"] == 40.0
-    assert bench.stored_size("bit", 128) == 160 and bench.stored_size("cifar", 32) == 32
-    assert bench.default_augment("bit_m_r50x1", 128) == "bit"
-    assert bench.default_augment("resnet20", 32) == "cifar"
+    assert synthetic.stored_size("bit", 128) == 160 and synthetic.stored_size("cifar", 32) == 32
+    assert synthetic.default_augment("bit_m_r50x1", 128) == "bit"
+    assert synthetic.default_augment("resnet20", 32) == "cifar"

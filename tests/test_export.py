@@ -12,9 +12,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from pipeline.serving import export
 from pipeline import rundir
-from pipeline.serving import latency as serving_bench
+from pipeline.serving import export, latency
 from tests.helpers import REPO, last_line, run_cli
 
 # A few digits test images, quantized to 8 bits so that float and PNG inputs are the same pixels.
@@ -23,8 +22,8 @@ N_IMAGES = 8
 
 @pytest.fixture(scope="module")
 def digits_images():
-    from pipeline.data.sources import _digits_arrays
-    images, labels, (_, _, test) = _digits_arrays()
+    from pipeline.data import digits_arrays
+    images, labels, (_, _, test) = digits_arrays()
     pick = test[:N_IMAGES]
     pixels = np.round(images[pick] * 255).astype(np.uint8)
     return {"uint8": pixels, "float": pixels.astype(np.float32) / 255.0, "labels": labels[pick]}
@@ -68,7 +67,8 @@ def mixed_export(digits_run, tmp_path_factory):
 _TRAIN_WIRING = textwrap.dedent("""
     import json, sys
     from absl import flags
-    from pipeline import export, train, training
+    from pipeline import train, training
+    from pipeline.serving import export
 
     class Result:
         model_dir = "/runs/r"
@@ -276,16 +276,6 @@ def test_serving_bytes_reads_every_format_and_survives_a_corrupt_image(digits_ex
     np.testing.assert_allclose(again["probabilities"].numpy(), expected, atol=1e-5)
 
 
-def test_load_for_init_returns_the_source_model(digits_export, tmp_path):
-    model = export.load_for_init(os.path.dirname(digits_export["path"]))
-    assert isinstance(model, keras.Model) and model.get_layer("logits").units == 10
-    _, source = keras_probabilities(digits_export["model_dir"], np.zeros((1, 32, 32, 3), np.float32))
-    for a, b in zip(model.get_weights(), source.get_weights()):
-        np.testing.assert_array_equal(a, b)
-    orphan = export.export_model(tiny_model(), ["a", "b", "c"], str(tmp_path), "orphan")
-    assert export.load_for_init(orphan) is None  # no source checkpoint recorded
-
-
 # ------------------------------------------------------------------ versions and atomic writes
 
 
@@ -361,9 +351,9 @@ def test_version_helpers_ignore_temp_and_non_integer_dirs(tmp_path):
     assert export.list_versions(str(tmp_path / "m")) == [1, 3, 10]
     assert export.next_version(str(tmp_path / "m")) == 11
     assert export.next_version(str(tmp_path / "missing")) == 1
-    assert export.default_name("resnet20", "digits") == "resnet20-digits"
-    assert export.default_name("bit_m_r50x1", "folder:/data/my photos/") == "bit_m_r50x1-folder-my_photos"
-    assert export.default_name("hub:https://tfhub.dev/x/1", "tfds:cifar10") == "hub_https_tfhub.dev_x_1-tfds_cifar10"
+    assert rundir.run_name("resnet20", "digits") == "resnet20-digits"
+    assert rundir.run_name("bit_m_r50x1", "folder:/data/my photos/") == "bit_m_r50x1-folder-my_photos"
+    assert rundir.run_name("hub:https://tfhub.dev/x/1", "tfds:cifar10") == "hub_https_tfhub.dev_x_1-tfds_cifar10"
     with pytest.raises(export.ExportError, match="no export"):
         export.resolve_export(str(tmp_path / "m" / "latest"))
 
@@ -440,7 +430,7 @@ def test_predict_missing_image_or_export_fails_with_one_line(digits_export, tmp_
 def test_serving_bench_measures_latency_and_throughput(tiny, tmp_path):
     path = export.export_model(tiny, ["a", "b", "c"], str(tmp_path), "m")
     for signature in ("serving_default", "serving_bytes"):
-        result = serving_bench.measure(os.path.dirname(path), batch_sizes=(1, 4), iterations=5,
+        result = latency.measure(os.path.dirname(path), batch_sizes=(1, 4), iterations=5,
                                        signature=signature)
         assert result["export"] == path and result["image_size"] == [8, 8]
         assert [m["batch_size"] for m in result["measurements"]] == [1, 4]

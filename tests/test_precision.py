@@ -24,9 +24,14 @@ def test_explicit_choice_is_kept_and_unknown_rejected():
 
 def test_cpu_flags_detection(tmp_path):
     info = tmp_path / "cpuinfo"
-    info.write_text("processor: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16\n")
-    flags = precision.cpu_flags.__wrapped__(str(info))
+    info.write_text("processor: 0\nmodel name\t: Some CPU 9000\n"
+                    "flags\t\t: fpu sse2 avx512f avx512_bf16\nvmx flags\t: ept\n"
+                    "processor: 1\nmodel name\t: Other\nflags\t\t: fpu\n")
+    cpu = precision.read_cpuinfo(str(info))
+    flags = cpu.flags
     assert precision.cpu_has_bf16(flags)
+    assert cpu.model == "Some CPU 9000" and "ept" not in flags
+    assert precision.read_cpuinfo(str(tmp_path / "missing")) == precision.CpuInfo(None, frozenset())
     assert not precision.cpu_has_bf16(frozenset({"avx2"}))
 
 

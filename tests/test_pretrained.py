@@ -186,3 +186,18 @@ def test_bit_backbone_is_everything_but_the_head():
     assert pretrained.head_layers(model) == [model.get_layer("logits")]
     pretrained.set_backbone_trainable(model, True)
     assert len(model.trainable_weights) == len(model.weights)
+
+
+def test_hub_module_layer_adapter_tracks_every_module_variable_under_a_valid_name(module_dir):
+    """`HubModuleLayer` overrides TFSMLayer's private `_add_existing_weight`: fail loudly if that changes."""
+    assert callable(getattr(keras.layers.TFSMLayer, "_add_existing_weight", None)), \
+        "Keras's TFSMLayer no longer tracks module variables through _add_existing_weight"
+    layer = pretrained.HubModuleLayer(module_dir, call_endpoint="__call__", trainable=True)
+    module = tf.saved_model.load(module_dir)
+    assert len(layer.weights) == len(module.variables) > 0
+    assert all(":" not in w.name and "/" not in w.name for w in layer.weights)
+    # The tracked variables are the ones the module computes with: changing one changes the output.
+    images = _batch(2)[0]
+    before = np.asarray(layer(images))
+    layer.weights[0].assign(layer.weights[0] * 2.0)
+    assert not np.allclose(np.asarray(layer(images)), before)

@@ -11,7 +11,6 @@ import pytest
 
 from pipeline import config as cfg
 from pipeline import rundir
-
 from pipeline.training import phases
 from tests.helpers import FAST, REPO, last_line, run_cli
 
@@ -59,7 +58,7 @@ def test_flagfile_repeats_the_run(digits_run, tmp_path):
     assert "--model=resnet20" in text and "--epochs=3" in text and "--model_dir" not in text
     again = str(tmp_path / "again")
     run_cli("train", f"--flagfile={d}/flags.cfg", "--epochs=1", "--steps_per_epoch=2",
-            f"--model_dir={again}")
+            f"--model_dir={again}", f"--export_dir={tmp_path / 'saved_models'}")
     first = json.load(open(os.path.join(d, "config.json")))
     second = json.load(open(os.path.join(again, "config.json")))
     for key in ("model", "data"):
@@ -100,7 +99,7 @@ def test_killed_run_resumes_with_each_epoch_once(tmp_path):
         proc.wait()
     killed_after = rundir.read_json(state)["epochs_done"]
     assert killed_after in (2, 3)
-    run_cli("train", f"--model_dir={model_dir}", "--resume")
+    run_cli("train", f"--model_dir={model_dir}", "--resume", f"--export_dir={tmp_path / 'saved_models'}")
     rows = read_csv(model_dir)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
     summary = json.load(open(os.path.join(model_dir, "summary.json")))

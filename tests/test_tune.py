@@ -20,8 +20,10 @@ import pytest
 
 from pipeline import config as cfg
 from pipeline import rundir
-from pipeline.training import trainer as training
-from pipeline.tuning import search as tuning
+from pipeline.tuning import hypermodel as hypermodels
+from pipeline.tuning import runner
+from pipeline.tuning import space as search_space
+from pipeline.training import trainer
 from pipeline.models import create_model
 from tests.helpers import REPO, free_ports, last_line, run_cli
 
@@ -71,11 +73,11 @@ def _restore_precision_policy():
 @pytest.fixture(scope="module")
 def searches(tmp_path_factory):
     """A 2-trial search per in-process tuner over the narrowed space (grid: `distributed_grid`)."""
-    space = tuning.make_search_space(BASE, **NARROW)
+    space = search_space.make_search_space(BASE, **NARROW)
     out = {}
     for kind in ("random", "hyperband", "bayesian"):
         tune_dir = str(tmp_path_factory.mktemp(kind))
-        result = tuning.search(BASE, space, tune_dir, tuner=kind, max_trials=2, initial_random_trials=1)
+        result = runner.search(BASE, space, tune_dir, tuner=kind, max_trials=2, initial_random_trials=1)
         out[kind] = result
     keras.mixed_precision.set_global_policy("float32")
     return out
@@ -91,10 +93,10 @@ def test_default_hyperparameters_are_the_untuned_values(tmp_path):
         train=dataclasses.replace(
             BASE.train, optimizer=cfg.OptimizerConfig("nadam", 0.003, weight_decay=5e-4), schedule="cosine",
             warmup_epochs=0.5, label_smoothing=0.05, mixup_alpha=0.2, precision="mixed_bfloat16"))
-    space = tuning.make_search_space(base)  # everything that applies to a CIFAR ResNet from scratch
+    space = search_space.make_search_space(base)  # everything that applies to a CIFAR ResNet from scratch
     assert space.names == ["optimizer", "learning_rate", "weight_decay", "schedule", "warmup_epochs",
                            "label_smoothing", "mixup_alpha", "batch_size", "depth", "width_multiplier"]
-    hypermodel = tuning.PipelineHyperModel(base, space, str(tmp_path))
+    hypermodel = hypermodels.PipelineHyperModel(base, space, str(tmp_path))
     hp = kt.HyperParameters()
     model = hypermodel.build(hp)
     assert hp.values == {"optimizer": "nadam", "learning_rate": 0.003, "weight_decay": 5e-4,
@@ -113,10 +115,10 @@ def test_default_hyperparameters_are_the_untuned_values(tmp_path):
     assert model.output.dtype == "float32"
 
     # A weight decay of 0 (off) stays the default of the log-scaled range.
-    off = tuning.make_search_space(BASE, tune=["weight_decay"]).params[0]
+    off = search_space.make_search_space(BASE, tune=["weight_decay"]).params[0]
     assert off.default == 0.0 and off.low > 0 and off.log
     # Fine-tuning hyperparameters apply to pretrained backbones, not to CIFAR ResNets from scratch.
-    finetune = tuning.make_search_space(dataclasses.replace(BASE, model=cfg.ModelConfig("keras_resnet50")))
+    finetune = search_space.make_search_space(dataclasses.replace(BASE, model=cfg.ModelConfig("keras_resnet50")))
     assert {"freeze_epochs", "backbone_lr_multiplier"} <= set(finetune.names)
     assert "depth" not in finetune.names and "freeze_epochs" not in space.names
 
@@ -125,8 +127,8 @@ def test_trial_overrides_reach_the_config_and_the_flags_text(tmp_path):
     base = dataclasses.replace(BASE, train=dataclasses.replace(
         BASE.train, epochs=10, lr_boundaries=(5.0, 7.5), switch_optimizer_epoch=8,
         second_optimizer=cfg.OptimizerConfig("sgd", 0.1)))
-    space = tuning.make_search_space(base, tune=["learning_rate", "weight_decay", "depth", "batch_size"])
-    hypermodel = tuning.PipelineHyperModel(base, space, str(tmp_path), max_epochs_per_trial=4)
+    space = search_space.make_search_space(base, tune=["learning_rate", "weight_decay", "depth", "batch_size"])
+    hypermodel = hypermodels.PipelineHyperModel(base, space, str(tmp_path), max_epochs_per_trial=4)
     values = {"learning_rate": 0.02, "weight_decay": 1e-4, "depth": 44, "batch_size": 64}
     run = hypermodel.trial_run_config(values, "7", execution=2)
     assert run.model_dir == os.path.join(str(tmp_path), "trials", "7-exec2")
@@ -188,6 +190,25 @@ def test_narrowed_space_varies_only_the_named_hyperparameters(searches):
     assert len(seen) > 1  # the named ones did vary
 
 
+def test_keras_tuner_adapter_holds(tmp_path, monkeypatch):
+    """What pipeline.tuning relies on in keras-tuner (see pipeline/tuning/kt_adapter.py): fails on a change."""
+    def no_build(self, hp, **kwargs):
+        raise AssertionError("the tuner built the hypermodel outside a trial")
+
+    monkeypatch.setattr(hypermodels.PipelineHyperModel, "build", no_build)
+    space = search_space.make_search_space(BASE, **NARROW)
+    hypermodel = hypermodels.PipelineHyperModel(BASE, space, str(tmp_path))
+    # Constructing a tuner builds nothing; the oracle holds the whole space at its defaults.
+    tuner = hypermodels.make_tuner("random", hypermodel, max_trials=1, overwrite=True)
+    assert tuner.hypermodel is hypermodel
+    assert tuner.oracle.get_space().values == {"optimizer": "sgd", "learning_rate": 0.1}
+    # HyperbandOracle takes no max_trials; the attribute set on it still stops the search.
+    tuner = hypermodels.make_tuner("hyperband", hypermodel, max_trials=1, overwrite=True)
+    first = tuner.oracle.create_trial("tuner0")
+    assert first.status == "RUNNING" and set(space.names) <= set(first.hyperparameters.values)
+    assert tuner.oracle.create_trial("tuner1").status == "STOPPED"
+
+
 class _Interrupt(keras.callbacks.Callback):
     """Stands for a kill right after the trial's first epoch was committed."""
 
@@ -198,22 +219,22 @@ class _Interrupt(keras.callbacks.Callback):
 def test_rerun_resumes_the_search(searches, tmp_path, monkeypatch):
     tune_dir = str(tmp_path / "resumed")
     shutil.copytree(searches["random"].tune_dir, tune_dir)
-    space = tuning.make_search_space(BASE, **NARROW)
+    space = search_space.make_search_space(BASE, **NARROW)
     calls = []
-    real_train = training.train
+    real_train = trainer.train
 
     def counting_train(run, **kwargs):
         calls.append((os.path.basename(run.model_dir), run.resume))
         return real_train(run, **kwargs)
 
-    monkeypatch.setattr(training, "train", counting_train)
+    monkeypatch.setattr(trainer, "train", counting_train)
     before = {t: os.path.getmtime(os.path.join(tune_dir, "trials", t, "metrics.csv")) for t in ("0", "1")}
     # max_trials 2 -> 3: only one new trial runs; it is interrupted mid-way.
     with pytest.raises(KeyboardInterrupt):
-        tuning.search(BASE, space, tune_dir, tuner="random", max_trials=3, callbacks=[_Interrupt()])
+        runner.search(BASE, space, tune_dir, tuner="random", max_trials=3, callbacks=[_Interrupt()])
     assert calls == [("2", False)]
     # Rerunning again resumes trial 2 in its own directory instead of tripping over it.
-    result = tuning.search(BASE, space, tune_dir, tuner="random", max_trials=3)
+    result = runner.search(BASE, space, tune_dir, tuner="random", max_trials=3)
     assert calls == [("2", False), ("2", True)]
     assert [r.status for r in result.rows] == ["completed"] * 3
     assert sorted(r.trial_id for r in result.rows) == ["0", "1", "2"]
@@ -221,23 +242,23 @@ def test_rerun_resumes_the_search(searches, tmp_path, monkeypatch):
     for t, mtime in before.items():
         assert os.path.getmtime(os.path.join(tune_dir, "trials", t, "metrics.csv")) == mtime
     # A finished search reruns without training anything; other settings are refused.
-    again = tuning.search(BASE, space, tune_dir, tuner="random", max_trials=3)
+    again = runner.search(BASE, space, tune_dir, tuner="random", max_trials=3)
     assert len(calls) == 2 and [r.trial_id for r in again.rows] == [r.trial_id for r in result.rows]
     # keras-tuner's own API reads the reloaded search: best hyperparameters, best model from the run dir.
-    tuner = tuning.make_tuner("random", tuning.PipelineHyperModel(BASE, space, tune_dir), max_trials=3)
+    tuner = hypermodels.make_tuner("random", hypermodels.PipelineHyperModel(BASE, space, tune_dir), max_trials=3)
     best = [r.values for r in result.rows if r.objective == result.rows[0].objective]  # ties are common here
     assert tuner.get_best_hyperparameters()[0].values in best
     assert tuner.get_best_models()[0].output.shape[-1] == 10
     with pytest.raises(ValueError, match="other settings"):
-        tuning.search(BASE, space, tune_dir, tuner="bayesian", max_trials=3)
+        runner.search(BASE, space, tune_dir, tuner="bayesian", max_trials=3)
 
 
 def test_early_stopping_ends_a_trial_on_a_plateau(tmp_path):
     # A learning rate of 1e-7 leaves the weights where they are: val_accuracy plateaus at once.
     base = dataclasses.replace(BASE, train=dataclasses.replace(
         BASE.train, epochs=4, steps_per_epoch=1, optimizer=cfg.OptimizerConfig("sgd", 1e-7)))
-    space = tuning.make_search_space(base, tune=["label_smoothing"], ranges={"label_smoothing": [0, 0.1]})
-    result = tuning.search(base, space, str(tmp_path), tuner="grid", max_trials=1, early_stopping_patience=1)
+    space = search_space.make_search_space(base, tune=["label_smoothing"], ranges={"label_smoothing": [0, 0.1]})
+    result = runner.search(base, space, str(tmp_path), tuner="grid", max_trials=1, early_stopping_patience=1)
     metrics = rundir.read_metrics(result.rows[0].run_dir)
     summary = json.load(open(os.path.join(result.rows[0].run_dir, "summary.json")))
     assert summary["status"] == "completed" and summary["epochs_done"] == len(metrics) < 4
@@ -265,7 +286,7 @@ def test_early_stopping_ends_a_trial_on_a_plateau(tmp_path):
 ])
 def test_bad_search_space_is_one_clear_error(kwargs, needle):
     with pytest.raises(ValueError) as info:
-        tuning.make_search_space(BASE, **kwargs)
+        search_space.make_search_space(BASE, **kwargs)
     message = str(info.value)
     assert needle in message and "\n" not in message
 

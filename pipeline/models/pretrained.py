@@ -61,11 +61,15 @@ def _head(features, num_classes: int):
 
 @keras.saving.register_keras_serializable(package="pipeline")
 class HubModuleLayer(keras.layers.TFSMLayer):
-    """TFSMLayer whose tracked variables get valid Keras names.
+    """TFSMLayer whose tracked variables get valid Keras names (the one adapter over TFSMLayer internals).
 
     Keras 3.15's TFSMLayer keeps the `:0` of TensorFlow variable names, and an
     optimizer with slot variables (SGD momentum, Adam) then fails with "is not
-    a valid scope name". The same tracking, with ':' replaced.
+    a valid scope name". Keras offers no public hook to name the variables it
+    tracks, so this overrides the private `_add_existing_weight` that
+    TFSMLayer's constructor calls for each module variable: the same tracking,
+    with ':' replaced. `tests/test_pretrained.py` fails loudly if TFSMLayer
+    stops calling it or its tracking changes.
     """
 
     def _add_existing_weight(self, weight):

@@ -9,6 +9,10 @@ Builder contract (keras-applications style, keyword-only):
       -> keras.Model taking float32 RGB images in [0, 1] and returning float32 logits.
 `normalization` is a `(mean, std)` pair of per-channel tuples for models that
 learn from scratch; pretrained models ignore it and apply their own.
+
+The tables fill when the families register (importing `pipeline.models`, which
+Python runs before any of its submodules, this one included): the registry
+itself imports no family, so there is no import cycle.
 """
 from __future__ import annotations
 
@@ -82,14 +86,8 @@ def register_model(name: str | None = None, *, family: str, default_image_size: 
     return decorate
 
 
-def _ensure_loaded():
-    # Importing the package registers every family (import side effect by design).
-    import pipeline.models  # noqa: F401
-
-
 def list_models(family: str | None = None) -> list[str]:
     """Sorted names of registered (non-prefix) models, optionally of one family."""
-    _ensure_loaded()
     return sorted(n for n, s in _REGISTRY.items() if family is None or s.family == family)
 
 
@@ -99,19 +97,16 @@ def list_specs(family: str | None = None) -> list[ModelSpec]:
 
 
 def list_prefixes() -> list[str]:
-    _ensure_loaded()
     return sorted(_PREFIXES)
 
 
 def is_valid_model_name(name: str) -> bool:
     """True for registered names and `prefix:argument` forms (used by flag validators)."""
-    _ensure_loaded()
     return name in _REGISTRY or any(name.startswith(p) and len(name) > len(p) for p in _PREFIXES)
 
 
 def get_spec(name: str) -> ModelSpec:
     """The spec for `name`; an unknown name raises ValueError listing close names."""
-    _ensure_loaded()
     if name in _REGISTRY:
         return _REGISTRY[name]
     for prefix, spec in _PREFIXES.items():

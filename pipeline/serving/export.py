@@ -20,20 +20,20 @@ into place only when complete, so a server watching `<name>/` never sees a
 half-written version (TF Serving ignores names that are not integers).
 
 This module imports TensorFlow only inside the functions that need it and Keras
-only where it loads checkpoints: `pipeline.predict` and `pipeline.serving_bench`
-use its path helpers without Keras, and errors about paths come before the
-slow imports.
+only where it loads checkpoints: `pipeline.serving.predict`,
+`pipeline.serving.latency` and the reports use its path helpers without Keras,
+and errors about paths come before the slow imports.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
 import os
-import re
 import shutil
 import tempfile
 from typing import Optional, Sequence
 
+import pipeline
 from pipeline import rundir
 
 DEFAULT_SIGNATURE = "serving_default"
@@ -46,7 +46,9 @@ LABELS_FILE = "labels.txt"
 MODEL_CARD_FILE = "model_card.json"
 TMP_PREFIX = ".tmp-"
 OLD_PREFIX = ".old-"
-CHECKPOINTS = {"best": rundir.BEST_CHECKPOINT, "last": rundir.LAST_CHECKPOINT}
+# The run's summary.json entries an export's model card repeats under "metrics".
+RUN_METRICS = ("status", "epochs_done", "best_epoch", "best_val_accuracy", "test_loss",
+               "test_accuracy", "precision", "parameters")
 
 # Leading bytes of the formats tf.io.decode_image reads.
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
@@ -57,13 +59,6 @@ class ExportError(ValueError):
 
 
 # ------------------------------------------------------------------ names and versions
-
-
-def default_name(model: str, dataset: str) -> str:
-    """`<model>-<dataset>` with path-unsafe characters replaced (folder datasets by folder name)."""
-    if dataset.startswith("folder:"):
-        dataset = "folder-" + os.path.basename(os.path.normpath(dataset[len("folder:"):]))
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{model}-{dataset}").strip("_.")
 
 
 def list_versions(model_root: str) -> list[int]:
@@ -238,54 +233,18 @@ def export_model(model, labels: Sequence[str], export_root: str, name: str,
       ExportError: `version` exists and not `overwrite`, or is not a positive integer.
       ValueError: the labels do not match the model's outputs.
     """
-    import tensorflow as tf
-    labels = [str(label) for label in labels]
-    if not labels or any(("\n" in label or "\r" in label or not label.strip()) for label in labels):
-        raise ValueError("labels must be non-empty single-line class names")
-    outputs = model.output_shape[-1]
-    if outputs is not None and outputs != len(labels):
-        raise ValueError(f"The model has {outputs} outputs but there are {len(labels)} labels.")
-    if not name or name in (".", "..") or os.sep in name or name.startswith("."):
-        raise ExportError(f"Bad export name {name!r}: use a plain folder name.")
+    labels = _check_labels(model, labels)
+    _check_name(name)
     height, width = _image_size(model, image_size)
     model_root = os.path.join(export_root, name)
     pinned = version is not None
-    if pinned and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
-        raise ExportError(f"Export versions are positive integers, got {version!r}.")
-    version = version if pinned else next_version(model_root)
-    if pinned and os.path.exists(os.path.join(model_root, str(version))) and not overwrite:
-        raise ExportError(f"{os.path.join(model_root, str(version))} already exists; pass --overwrite "
-                          "to replace it, or leave out --version to write the next one.")
-
+    version = _check_version(model_root, version, overwrite=overwrite)
     created_root = not os.path.isdir(model_root)
     os.makedirs(model_root, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=TMP_PREFIX, dir=model_root)
-    staging = tempfile.mkdtemp(prefix="pipeline-export-")
     try:
-        labels_file = os.path.join(staging, LABELS_FILE)
-        with open(labels_file, "w", encoding="utf-8") as f:
-            f.write("\n".join(labels) + "\n")
-        module = build_serving_module(model, labels_file, (height, width))
-        tf.saved_model.save(module, tmp, signatures={DEFAULT_SIGNATURE: module.serving_default,
-                                                     BYTES_SIGNATURE: module.serving_bytes})
-        full_card = {
-            **(card or {}),
-            "classes": labels,
-            "num_classes": len(labels),
-            "image_size": [height, width],
-            "signatures": {
-                DEFAULT_SIGNATURE: {"inputs": {IMAGES_INPUT: "float32 [batch, height, width, 3] in [0, 1]"},
-                                    "outputs": list(OUTPUTS)},
-                BYTES_SIGNATURE: {"inputs": {BYTES_INPUT: "string [batch]: JPEG, PNG, BMP or GIF"},
-                                  "outputs": list(OUTPUTS)}},
-            "compute_dtype": compute_policy(model),
-            "pipeline": _pipeline_version(),
-            "tensorflow": tf.__version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        }
-        card_file = os.path.join(tmp, "assets", MODEL_CARD_FILE)
-        rundir.write_json_atomic(card_file, full_card)
-        os.chmod(card_file, 0o644)
+        _write_saved_model(model, labels, (height, width), tmp)
+        _write_model_card(tmp, _model_card(model, labels, (height, width), card))
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; servers may run as another user
         return _publish(tmp, model_root, version, pinned=pinned, overwrite=overwrite)
     except BaseException:
@@ -294,8 +253,84 @@ def export_model(model, labels: Sequence[str], export_root: str, name: str,
             with contextlib.suppress(OSError):
                 os.rmdir(model_root)  # only if still empty
         raise
+
+
+def _check_labels(model, labels: Sequence[str]) -> list[str]:
+    """`labels` as strings; ValueError unless they are single-line names, one per model output."""
+    labels = [str(label) for label in labels]
+    if not labels or any(("\n" in label or "\r" in label or not label.strip()) for label in labels):
+        raise ValueError("labels must be non-empty single-line class names")
+    outputs = model.output_shape[-1]
+    if outputs is not None and outputs != len(labels):
+        raise ValueError(f"The model has {outputs} outputs but there are {len(labels)} labels.")
+    return labels
+
+
+def _check_name(name: str) -> None:
+    """ExportError unless `name` is one plain, visible folder name."""
+    if not name or name in (".", "..") or os.sep in name or name.startswith("."):
+        raise ExportError(f"Bad export name {name!r}: use a plain folder name.")
+
+
+def _check_version(model_root: str, version: Optional[int], *, overwrite: bool) -> int:
+    """The version to write: `version` if free (or `overwrite`), the next free one if None."""
+    if version is None:
+        return next_version(model_root)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ExportError(f"Export versions are positive integers, got {version!r}.")
+    target = os.path.join(model_root, str(version))
+    if os.path.exists(target) and not overwrite:
+        raise ExportError(f"{target} already exists; pass --overwrite "
+                          "to replace it, or leave out --version to write the next one.")
+    return version
+
+
+def _write_saved_model(model, labels: list[str], image_size: tuple[int, int], directory: str) -> None:
+    """Save the serving module of `model` into `directory`, `labels` as its `assets/labels.txt`.
+
+    The labels file is written to a staging folder first: `tf.saved_model.save`
+    copies assets into the SavedModel, and the lookup table reads the copy.
+    """
+    import tensorflow as tf
+    staging = tempfile.mkdtemp(prefix="pipeline-export-")
+    try:
+        labels_file = os.path.join(staging, LABELS_FILE)
+        with open(labels_file, "w", encoding="utf-8") as f:
+            f.write("\n".join(labels) + "\n")
+        module = build_serving_module(model, labels_file, image_size)
+        tf.saved_model.save(module, directory, signatures={DEFAULT_SIGNATURE: module.serving_default,
+                                                           BYTES_SIGNATURE: module.serving_bytes})
     finally:
         _remove(staging)
+
+
+def _model_card(model, labels: list[str], image_size: tuple[int, int],
+                extra: Optional[dict] = None) -> dict:
+    """The `assets/model_card.json` of an export: `extra`, then the classes, signatures and versions."""
+    import tensorflow as tf
+    height, width = image_size
+    return {
+        **(extra or {}),
+        "classes": labels,
+        "num_classes": len(labels),
+        "image_size": [height, width],
+        "signatures": {
+            DEFAULT_SIGNATURE: {"inputs": {IMAGES_INPUT: "float32 [batch, height, width, 3] in [0, 1]"},
+                                "outputs": list(OUTPUTS)},
+            BYTES_SIGNATURE: {"inputs": {BYTES_INPUT: "string [batch]: JPEG, PNG, BMP or GIF"},
+                              "outputs": list(OUTPUTS)}},
+        "compute_dtype": compute_policy(model),
+        "pipeline": pipeline.__version__,
+        "tensorflow": tf.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _write_model_card(export_dir: str, card: dict) -> None:
+    """Write `card` into the export, readable by a server running as another user."""
+    card_file = os.path.join(export_dir, "assets", MODEL_CARD_FILE)
+    rundir.write_json_atomic(card_file, card)
+    os.chmod(card_file, 0o644)
 
 
 def _publish(tmp: str, model_root: str, version: int, *, pinned: bool, overwrite: bool) -> str:
@@ -327,25 +362,7 @@ def _publish(tmp: str, model_root: str, version: int, *, pinned: bool, overwrite
         return target
 
 
-def _pipeline_version() -> str:
-    import pipeline
-    return getattr(pipeline, "__version__", "unknown")
-
-
 # ------------------------------------------------------------------ from a run directory
-
-
-def checkpoint_path(model_dir: str, checkpoint: str = "best") -> str:
-    """The run's `.keras` checkpoint file; RunDirError if the run has none."""
-    if checkpoint not in CHECKPOINTS:
-        raise ValueError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}, got {checkpoint!r}")
-    if not os.path.isdir(model_dir):
-        raise rundir.RunDirError(f"Run directory {model_dir!r} does not exist.")
-    filename = rundir.path(model_dir, rundir.CHECKPOINT_DIR, CHECKPOINTS[checkpoint])
-    if not os.path.isfile(filename):
-        raise rundir.RunDirError(f"{model_dir!r} has no {checkpoint} checkpoint ({filename} is missing): "
-                                 "not a run directory, or its training finished no epoch.")
-    return filename
 
 
 def export_run(model_dir: str, *, export_root: str = "saved_models", name: Optional[str] = None,
@@ -356,7 +373,7 @@ def export_run(model_dir: str, *, export_root: str = "saved_models", name: Optio
     Args:
       model_dir: a run directory (`checkpoints/`, `labels.txt`, `config.json`).
       export_root: where `<name>/<version>/` goes.
-      name: the export name; default `<model>-<dataset>` of the run.
+      name: the export name; default `<model>-<dataset>` of the run (`rundir.run_name`).
       version, overwrite: see `export_model`.
       checkpoint: `best` or `last`.
 
@@ -364,7 +381,7 @@ def export_run(model_dir: str, *, export_root: str = "saved_models", name: Optio
       rundir.RunDirError: the run directory is missing or incomplete.
       ExportError: see `export_model`.
     """
-    filename = checkpoint_path(model_dir, checkpoint)
+    filename = rundir.require_checkpoint(model_dir, checkpoint)
     labels_file = rundir.path(model_dir, rundir.LABELS_FILE)
     if not os.path.isfile(labels_file):
         raise rundir.RunDirError(f"{model_dir!r} has no {rundir.LABELS_FILE}.")
@@ -373,17 +390,14 @@ def export_run(model_dir: str, *, export_root: str = "saved_models", name: Optio
     summary = rundir.read_json(rundir.path(model_dir, rundir.SUMMARY_FILE), {}) or {}
     model_name = (config.get("model") or {}).get("name") or summary.get("model") or "model"
     dataset = (config.get("data") or {}).get("dataset") or summary.get("dataset") or "data"
-    name = name or default_name(model_name, dataset)
 
     import keras
     import pipeline.models  # noqa: F401  (registers the custom layers for loading)
     model = keras.saving.load_model(filename, compile=False)
-    metric_keys = ("status", "epochs_done", "best_epoch", "best_val_accuracy", "test_loss",
-                   "test_accuracy", "precision", "parameters")
     card = {
         "model": model_name,
         "dataset": dataset,
-        "metrics": {k: summary.get(k) for k in metric_keys if k in summary},
+        "metrics": {k: summary[k] for k in RUN_METRICS if k in summary},
         "source_run": os.path.abspath(model_dir),
         "checkpoint": checkpoint,
         "source_checkpoint": os.path.abspath(filename),
@@ -396,21 +410,5 @@ def export_run(model_dir: str, *, export_root: str = "saved_models", name: Optio
         if not image_size:
             raise
         size = image_size
-    return export_model(model, labels, export_root, name, version, card, overwrite=overwrite,
-                        image_size=size)
-
-
-def load_for_init(export_dir: str):
-    """The Keras model an export was made from (its source `.keras` checkpoint), or None.
-
-    `export_dir` is a version directory or `saved_models/<name>` (newest version).
-    Returns None when the card names no checkpoint or the file is gone (e.g. the
-    export was copied to another machine); the SavedModel itself holds no Keras model.
-    """
-    card = read_model_card(resolve_export(export_dir))
-    source = card.get("source_checkpoint")
-    if not source or not os.path.isfile(source):
-        return None
-    import keras
-    import pipeline.models  # noqa: F401
-    return keras.saving.load_model(source, compile=False)
+    return export_model(model, labels, export_root, name or rundir.run_name(model_name, dataset),
+                        version, card, overwrite=overwrite, image_size=size)

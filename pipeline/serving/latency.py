@@ -13,13 +13,13 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from pipeline.serving import export
+
 DEFAULT_ITERATIONS = 50
 
 
 def _inputs(signature_name: str, batch_size: int, image_size: tuple[int, int], seed: int):
     import tensorflow as tf
-
-    from pipeline.serving import export
     rng = np.random.default_rng(seed)
     images = rng.random((batch_size, *image_size, 3), dtype=np.float32)
     if signature_name == export.DEFAULT_SIGNATURE:
@@ -93,8 +93,6 @@ def measure(export_dir: str, image_size=None, batch_sizes: Sequence[int] = (1, 6
     if threads:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(threads)
-
-    from pipeline.serving import export
     export_dir = export.resolve_export(export_dir)
     if image_size is None:
         image_size = export.read_model_card(export_dir).get("image_size")

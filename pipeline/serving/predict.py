@@ -3,13 +3,15 @@
 Loads the SavedModel with `tf.saved_model.load` (the newest version when none
 is named) and sends the files' bytes to its `serving_bytes` signature: no Keras
 and no pipeline model code is involved, so the answer is the server's answer.
-Prints one line per image (`--json`: one JSON object per line). An image the
-model cannot decode is reported on stderr; the others are still classified and
-the exit status is 1.
+`print_predictions` prints one line per image (`as_json`: one JSON object per
+line). An image the model cannot decode is reported on stderr, the others are
+still classified, and it counts as a failure (the command then exits with 1).
 """
 import json
 import os
 import sys
+
+from pipeline.serving.export import BYTES_SIGNATURE, LABELS_FILE, resolve_export
 
 
 class PredictError(ValueError):
@@ -18,14 +20,13 @@ class PredictError(ValueError):
 
 def load_signature(export: str):
     """(export_dir, loaded SavedModel, its serving_bytes signature, class names) of an export path."""
-    from pipeline.serving.export import BYTES_SIGNATURE, resolve_export
     export_dir = resolve_export(export)  # path errors before the slow TensorFlow import
     import tensorflow as tf
     loaded = tf.saved_model.load(export_dir)
     if BYTES_SIGNATURE not in loaded.signatures:
         raise PredictError(f"{export_dir} has no {BYTES_SIGNATURE!r} signature "
                            f"(it has {', '.join(loaded.signatures) or 'none'}).")
-    labels_file = os.path.join(export_dir, "assets", "labels.txt")
+    labels_file = os.path.join(export_dir, "assets", LABELS_FILE)
     labels = None
     if os.path.isfile(labels_file):
         with open(labels_file, encoding="utf-8") as f:

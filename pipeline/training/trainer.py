@@ -31,7 +31,6 @@ from pipeline.training import distribute, phases, precision, tensorboard
 from pipeline.training import loop as loop_lib
 from pipeline.training.evaluation import load_model_weights
 from pipeline.training.optimizers import head_variable_paths, make_optimizer
-from pipeline.training.optimizers import OPTIMIZERS  # noqa: F401  (transitional, until tuning imports it)
 
 TrainingDiverged = cbs.TrainingDiverged
 

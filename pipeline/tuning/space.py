@@ -1,0 +1,374 @@
+"""What can be searched, and the validated search space of one tuning run.
+
+Every hyperparameter's default is the base (untuned) value, so the default
+trial is the untuned run: built-in ranges and choices widen to include it, and
+a user's narrowing that leaves it out is an error naming the flag.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+from typing import Any, Mapping, Optional, Sequence
+
+import keras_tuner as kt
+
+from pipeline import config as cfg
+from pipeline.models import registry
+from pipeline.training import optimizers, schedules
+from pipeline.tuning.overrides import format_value
+
+CIFAR_FAMILY = "cifar_resnet"
+
+
+@dataclasses.dataclass(frozen=True)
+class HyperparameterSpec:
+    """One searchable hyperparameter: its kind and built-in search range.
+
+    kind: `choice` (flag `--<name>_choices`), `float` or `int` (flag `--<name>_range`).
+    values: built-in choices; low/high/log: built-in range.
+    applies_to: None (every run), `cifar_resnet`, `width` or `finetune`.
+    """
+
+    name: str
+    kind: str
+    help: str
+    values: tuple = ()
+    low: float = 0.0
+    high: float = 0.0
+    log: bool = False
+    applies_to: Optional[str] = None
+
+    @property
+    def flag(self) -> str:
+        return f"{self.name}_choices" if self.kind == "choice" else f"{self.name}_range"
+
+
+def _specs(*specs):
+    return {s.name: s for s in specs}
+
+
+HYPERPARAMETERS = _specs(
+    HyperparameterSpec("optimizer", "choice", "optimizer", values=("sgd", "adam", "nadam", "adamw")),
+    HyperparameterSpec("learning_rate", "float", "peak learning rate", low=1e-4, high=1.0, log=True),
+    HyperparameterSpec("weight_decay", "float", "decoupled weight decay (a flag value of 0 stays the "
+                       "default: off)", low=1e-6, high=1e-2, log=True),
+    HyperparameterSpec("schedule", "choice", "learning-rate schedule (`step` uses --lr_boundaries, "
+                       "scaled to the trial's epochs)", values=("step", "exponential", "cosine")),
+    HyperparameterSpec("warmup_epochs", "float", "linear warm-up epochs", low=0.0, high=5.0),
+    HyperparameterSpec("label_smoothing", "float", "label smoothing", low=0.0, high=0.2),
+    HyperparameterSpec("mixup_alpha", "float", "MixUp alpha", low=0.0, high=0.4),
+    HyperparameterSpec("batch_size", "choice", "global batch size", values=(32, 64, 128, 256)),
+    HyperparameterSpec("depth", "choice", "CIFAR ResNet depth: --model becomes resnet<d> or plain<d>",
+                       values=(20, 32, 44, 56), applies_to=CIFAR_FAMILY),
+    HyperparameterSpec("width_multiplier", "choice", "filter width multiplier",
+                       values=(0.5, 1.0, 1.5, 2.0), applies_to="width"),
+    HyperparameterSpec("freeze_epochs", "int", "fine-tuning: epochs on a frozen backbone",
+                       low=0, high=5, applies_to="finetune"),
+    HyperparameterSpec("backbone_lr_multiplier", "float", "fine-tuning: backbone learning-rate "
+                       "multiplier", low=0.01, high=1.0, log=True, applies_to="finetune"),
+)
+
+# Hyperparameters that are pipeline.finetune flags (cli.define_finetune_flags), not pipeline.train ones.
+FINETUNE_FLAGS = ("freeze_epochs", "backbone_lr_multiplier")
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """A hyperparameter of one search: kind, range or choices, and its default (the flag value)."""
+
+    name: str
+    kind: str
+    default: Any
+    values: tuple = ()
+    low: float = 0.0
+    high: float = 0.0
+    log: bool = False
+
+    def declare(self, hp: kt.HyperParameters):
+        """Register on `hp` and return the trial's value (the default outside a trial)."""
+        if self.kind == "choice":
+            return hp.Choice(self.name, list(self.values), default=self.default)
+        if self.kind == "int":
+            return int(hp.Int(self.name, int(self.low), int(self.high), default=int(self.default)))
+        return float(hp.Float(self.name, self.low, self.high, sampling="log" if self.log else "linear",
+                              default=float(self.default)))
+
+    def describe(self) -> str:
+        if self.kind == "choice":
+            what = "one of " + ", ".join(format_value(v) for v in self.values)
+        else:
+            what = (f"{self.kind} in [{format_value(self.low)}, {format_value(self.high)}]"
+                    f"{' (log)' if self.log else ''}")
+        return f"{self.name}: {what}; default {format_value(self.default)}"
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpace:
+    """The searched hyperparameters of one tuning run, in declaration order.
+
+    model_for_depth: `depth` value -> registered model name (the same family
+      twin: resnet<d> or plain<d>).
+    """
+
+    params: tuple
+    model_for_depth: tuple = ()
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.params]
+
+    def declare(self, hp: kt.HyperParameters) -> dict:
+        """Declare every hyperparameter on `hp`; returns name -> value."""
+        return {p.name: p.declare(hp) for p in self.params}
+
+    def hyperparameters(self) -> kt.HyperParameters:
+        """The whole space as keras-tuner HyperParameters (for an oracle; values at their defaults)."""
+        hp = kt.HyperParameters()
+        self.declare(hp)
+        return hp
+
+    def overrides(self, values: Mapping[str, Any]) -> dict:
+        """Flag overrides (flag name -> value) for hp values; defaults change nothing."""
+        out = {}
+        for p in self.params:
+            if p.name not in values or values[p.name] == p.default:
+                continue
+            value = values[p.name]
+            if p.name == "depth":
+                out["model"] = dict(self.model_for_depth)[int(value)]
+            else:
+                out[p.name] = value
+        return out
+
+    def describe(self) -> list[str]:
+        return [p.describe() for p in self.params]
+
+
+def _cifar_twins(model_name: str) -> Optional[dict]:
+    """depth -> registered CIFAR ResNet with the same `residual` as `model_name`, or None if it is none."""
+    try:
+        spec = registry.get_spec(model_name)
+    except ValueError:
+        return None
+    if spec.family != CIFAR_FAMILY or spec.depth is None:
+        return None
+    return {s.depth: s.name for s in registry.list_specs(CIFAR_FAMILY)
+            if s.residual == spec.residual and s.depth is not None}
+
+
+def _builder_default(model_name: str, option: str):
+    spec = registry.get_spec(model_name)
+    param = inspect.signature(spec.builder).parameters.get(option)
+    if param is None or param.default is inspect.Parameter.empty:
+        return None
+    return param.default
+
+
+def _applicable(spec: HyperparameterSpec, base: cfg.RunConfig) -> Optional[str]:
+    """None if `spec` can be searched for `base`, else why not (one sentence)."""
+    model = base.model.name
+    if spec.applies_to == CIFAR_FAMILY and _cifar_twins(model) is None:
+        names = registry.list_models(CIFAR_FAMILY)
+        return (f"depth applies to the CIFAR ResNets ({', '.join(names)}), not --model={model}.")
+    if spec.applies_to == "width" and "width_multiplier" not in registry.get_spec(model).options():
+        return f"--model={model} takes no width_multiplier."
+    if spec.applies_to == "finetune":
+        pretrained = registry.get_spec(model).pretrained or base.model.weights or base.model.init_from
+        if not pretrained:
+            return (f"{spec.name} applies to fine-tuning (a pretrained --model, --weights or --init_from), "
+                    f"not to --model={model} from scratch.")
+    return None
+
+
+def base_value(name: str, base: cfg.RunConfig):
+    """The untuned value of hyperparameter `name` in `base` (what its default must be)."""
+    t = base.train
+    if name == "optimizer":
+        return t.optimizer.name
+    if name in ("learning_rate", "weight_decay"):
+        return getattr(t.optimizer, name)
+    if name == "batch_size":
+        return base.data.batch_size
+    if name == "depth":
+        return registry.get_spec(base.model.name).depth
+    if name == "width_multiplier":
+        value = base.model.width_multiplier
+        return float(value if value is not None else _builder_default(base.model.name, "width_multiplier"))
+    return getattr(t, name)
+
+
+def _parse_number(text, integer: bool, flag: str):
+    try:
+        number = float(str(text).strip())
+    except ValueError:
+        raise ValueError(f"--{flag}: {text!r} is not a number.") from None
+    if integer:
+        if number != int(number):
+            raise ValueError(f"--{flag}: {text!r} is not a whole number.")
+        return int(number)
+    return number
+
+
+def _choice_values(spec: HyperparameterSpec, raw: Sequence, base: cfg.RunConfig, twins) -> tuple:
+    flag = spec.flag
+    raw = [r for r in raw if str(r).strip() != ""]
+    if not raw:
+        raise ValueError(f"--{flag} needs at least one value.")
+    if spec.name == "optimizer":
+        values = tuple(str(r).strip() for r in raw)
+        known = sorted(optimizers.OPTIMIZERS)
+    elif spec.name == "schedule":
+        values = tuple(str(r).strip() for r in raw)
+        known = list(schedules.SCHEDULES)
+    else:
+        integer = spec.name in ("batch_size", "depth")
+        values = tuple(_parse_number(r, integer, flag) for r in raw)
+        known = None
+    if known is not None:
+        bad = [v for v in values if v not in known]
+        if bad:
+            raise ValueError(f"--{flag}: unknown {spec.name} {bad[0]!r}; choose from {', '.join(known)}.")
+    elif spec.name == "depth":
+        bad = [v for v in values if v not in twins]
+        if bad:
+            raise ValueError(f"--{flag}: --model={base.model.name} has no depth-{bad[0]} twin; registered "
+                             f"depths: {', '.join(str(d) for d in sorted(twins))}.")
+    elif any(v <= 0 for v in values):
+        raise ValueError(f"--{flag}: values must be positive, got {format_value(values)}.")
+    return tuple(dict.fromkeys(values))  # drop repeats, keep order
+
+
+def _range_values(spec: HyperparameterSpec, raw: Sequence) -> tuple:
+    flag = spec.flag
+    raw = [r for r in raw if str(r).strip() != ""]
+    if len(raw) != 2:
+        raise ValueError(f"--{flag} needs two numbers lo,hi; got {','.join(map(str, raw)) or 'nothing'}.")
+    lo, hi = (_parse_number(r, spec.kind == "int", flag) for r in raw)
+    given = f"--{flag}={format_value(lo)},{format_value(hi)}"
+    if lo >= hi:
+        raise ValueError(f"{given}: lo must be below hi.")
+    if spec.log and lo <= 0:
+        raise ValueError(f"{given}: {spec.name} is searched on a log scale, so both ends must be positive.")
+    if lo < 0:
+        raise ValueError(f"{given}: {spec.name} cannot be negative.")
+    return lo, hi
+
+
+def _searched_names(base: cfg.RunConfig, tune: Optional[Sequence[str]], ranges: Mapping,
+                    choices: Mapping) -> list[str]:
+    """The names `--tune` asks for (all that apply to `base` when None), checked with the range flags."""
+    valid = ", ".join(HYPERPARAMETERS)
+    if tune is None:
+        names = [n for n, s in HYPERPARAMETERS.items() if _applicable(s, base) is None]
+    else:
+        names = [str(n).strip() for n in tune if str(n).strip()]
+        if not names:
+            raise ValueError(f"--tune names no hyperparameter; valid names: {valid}.")
+        for name in names:
+            if name not in HYPERPARAMETERS:
+                close = difflib.get_close_matches(name, list(HYPERPARAMETERS), n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise ValueError(f"Unknown hyperparameter {name!r} in --tune{hint}; valid names: {valid}.")
+            why_not = _applicable(HYPERPARAMETERS[name], base)
+            if why_not:
+                raise ValueError(f"--tune={name}: {why_not}")
+        names = list(dict.fromkeys(names))
+    for table, kind in ((ranges, "range"), (choices, "choices")):
+        for name in table:
+            spec = HYPERPARAMETERS.get(name)
+            if spec is None or (spec.kind == "choice") != (kind == "choices"):
+                raise ValueError(f"--{name}_{kind} is not a flag of pipeline.tune; valid names: {valid}.")
+            if name not in names:
+                raise ValueError(f"--{spec.flag} is set but {name} is not searched "
+                                 f"(--tune={','.join(names)}).")
+    return names
+
+
+def _choice_param(spec: HyperparameterSpec, default, given: Optional[Sequence], base: cfg.RunConfig,
+                  twins: dict) -> Param:
+    name = spec.name
+    values = _choice_values(spec, given, base, twins) if given is not None else spec.values
+    if default not in values:
+        if given is not None:
+            raise ValueError(f"--{name}={format_value(default)} is not among --{spec.flag}="
+                             f"{format_value(list(values))}: add it, or change --{name} (the default trial "
+                             "is the untuned run).")
+        values = (default, *values)
+    if name == "depth":
+        values = tuple(v for v in values if v in twins)
+    return Param(name, "choice", default, values=tuple(values))
+
+
+def _range_param(spec: HyperparameterSpec, default, given: Optional[Sequence]) -> Param:
+    name = spec.name
+    if given is not None:
+        lo, hi = _range_values(spec, given)
+        if not lo <= default <= hi and not (spec.log and default == 0):
+            raise ValueError(f"--{name}={format_value(default)} lies outside --{spec.flag}="
+                             f"{format_value(lo)},{format_value(hi)}: widen the range, or change --{name} "
+                             "(the default trial is the untuned run).")
+    else:
+        lo, hi = spec.low, spec.high
+        if default > 0 or not spec.log:
+            lo, hi = min(lo, default), max(hi, default)
+    return Param(name, spec.kind, default, low=lo, high=hi, log=spec.log)
+
+
+def make_search_space(base: cfg.RunConfig, *, tune: Optional[Sequence[str]] = None,
+                      ranges: Optional[Mapping[str, Sequence]] = None,
+                      choices: Optional[Mapping[str, Sequence]] = None) -> SearchSpace:
+    """Validate the user's narrowing and build the search space around `base`.
+
+    Args:
+      base: the untuned run; every hyperparameter's default is its value here.
+      tune: names to search (the rest stay at their base values); None searches
+        every hyperparameter that applies to `base` (depth only for CIFAR
+        ResNets, width_multiplier only for models that take it, freeze_epochs and
+        backbone_lr_multiplier only for fine-tuning).
+      ranges: name -> (lo, hi) numbers or strings for float/int hyperparameters.
+      choices: name -> values (or strings) for choice hyperparameters.
+
+    Built-in ranges and choices are widened to include the base value; user
+    ranges and choices must include it (the default trial is the untuned run),
+    except that a log-scaled hyperparameter whose base value is 0 (off) keeps 0
+    as its default.
+
+    Raises:
+      ValueError: one sentence naming the offending flag: unknown or
+        inapplicable names, bad ranges (lo >= hi, non-positive ends on a log
+        scale), unknown choices, a base value outside a user range, or a range
+        given for a hyperparameter that is not searched.
+    """
+    ranges, choices = dict(ranges or {}), dict(choices or {})
+    names = _searched_names(base, tune, ranges, choices)
+    twins = _cifar_twins(base.model.name) or {}
+    params = []
+    for name in (n for n in HYPERPARAMETERS if n in names):  # declaration order is the table's
+        spec = HYPERPARAMETERS[name]
+        default = base_value(name, base)
+        if default is None:
+            raise ValueError(f"--{name} is unset: give it a value to search {name} around.")
+        if spec.kind == "choice":
+            params.append(_choice_param(spec, default, choices.get(name), base, twins))
+        else:
+            params.append(_range_param(spec, default, ranges.get(name)))
+    return SearchSpace(tuple(params), tuple(sorted(twins.items())))
+
+
+def space_from_flag_values(base: cfg.RunConfig, *, tune: Optional[Sequence[str]],
+                           values: Mapping[str, Optional[Sequence]]) -> SearchSpace:
+    """`make_search_space` from `pipeline.tune`'s flag values.
+
+    Args:
+      base: the untuned run.
+      tune: the `--tune` list (None: every hyperparameter that applies).
+      values: flag name (`HyperparameterSpec.flag`: `<name>_range` or
+        `<name>_choices`) -> its list value, None where the flag is unset.
+    """
+    ranges, choices = {}, {}
+    for spec in HYPERPARAMETERS.values():
+        value = values.get(spec.flag)
+        if value is not None:
+            (choices if spec.kind == "choice" else ranges)[spec.name] = value
+    return make_search_space(base, tune=tune, ranges=ranges, choices=choices)
