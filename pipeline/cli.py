@@ -68,7 +68,7 @@ def _valid_model(name):
 
 
 def define_train_flags(**defaults):
-    from pipeline.training import precision, schedules
+    from pipeline.training import distribute, precision, schedules
     from pipeline.training.optimizers import OPTIMIZERS
     d = {"epochs": 30, "optimizer": "sgd", "learning_rate": 0.1, "schedule": "step",
          "lr_boundaries": [], **defaults}
@@ -91,7 +91,7 @@ def define_train_flags(**defaults):
     flags.DEFINE_enum("precision", "auto", list(precision.POLICIES),
                       "auto: mixed_float16 on GPUs >= 7.0, mixed_bfloat16 on CPUs with AVX512-BF16/AMX, "
                       "else float32.")
-    flags.DEFINE_enum("strategy", "auto", ["auto", "default", "mirrored", "multi_worker", "tpu"],
+    flags.DEFINE_enum("strategy", "auto", list(distribute.CHOICES),
                       "tf.distribute strategy. auto: tpu when --tpu is set, else multi_worker when "
                       "TF_CONFIG names more than one chief/worker task, else mirrored over several "
                       "GPUs, else default (one device). --batch_size stays the global batch.")

@@ -132,9 +132,13 @@ def read_json(filename: str, default=None):
         return default
 
 
-def _replace_atomic(filename: str, write) -> None:
-    """`write(tmp)` a temp file beside `filename` (same extension), then rename it over `filename`."""
-    directory = os.path.dirname(filename)
+def replace_atomic(filename: str, write) -> None:
+    """`write(tmp)` a temp file beside `filename` (same extension), then rename it over `filename`.
+
+    A reader sees the old file or the whole new one, never a part; a failed
+    `write` leaves no temp file behind.
+    """
+    directory = os.path.dirname(filename) or "."
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".tmp-{os.getpid()}-{os.path.basename(filename)}")
     try:
@@ -148,12 +152,12 @@ def _replace_atomic(filename: str, write) -> None:
 
 def save_model_atomic(model, filename: str) -> None:
     """`model.save` into a temp file beside `filename`, then rename over it."""
-    _replace_atomic(filename, model.save)
+    replace_atomic(filename, model.save)
 
 
 def copy_atomic(source: str, filename: str) -> None:
     """Copy `source` to a temp file beside `filename`, then rename over it."""
-    _replace_atomic(filename, lambda tmp: shutil.copyfile(source, tmp))
+    replace_atomic(filename, lambda tmp: shutil.copyfile(source, tmp))
 
 
 def prepare(model_dir: str, *, resume: bool) -> None:

@@ -19,8 +19,10 @@ from html.parser import HTMLParser
 
 import pytest
 
-from pipeline.reporting import report
-from pipeline import rundir
+from pipeline import reporting, rundir
+from pipeline.reporting import run_report
+from pipeline.reporting.status import run_status
+from pipeline.tuning import layout
 from tests.helpers import last_line, run_cli
 
 SECTIONS = ("Reproduce", "Data", "Model", "Precision, strategy and device", "Hyperparameters", "Training",
@@ -162,7 +164,7 @@ def digits_report(digits_run, tmp_path_factory):
     exports = str(tmp_path_factory.mktemp("exports"))
     export_path = export.export_run(model_dir, export_root=exports)
     start = time.time()
-    md, page = report.write_run_report(model_dir, export_roots=[exports])
+    md, page = reporting.write_run_report(model_dir, export_roots=[exports])
     return {"model_dir": model_dir, "md": read(md), "html": read(page), "md_path": md, "html_path": page,
             "export": export_path, "seconds": time.time() - start}
 
@@ -184,8 +186,8 @@ def test_run_report_shows_every_section_with_the_runs_numbers(digits_report):
     model = section(text, "Model")
     assert f"**resnet20**: **{summary['parameters']:,}** parameters" in model
     layers = table_with(model, "layer", "type", "output shape")
-    assert len(layers) == 2 * report.LAYER_ROWS + 1
-    assert re.fullmatch(r"… \d+ more layers …", layers[report.LAYER_ROWS]["layer"])
+    assert len(layers) == 2 * run_report.LAYER_ROWS + 1
+    assert re.fullmatch(r"… \d+ more layers …", layers[run_report.LAYER_ROWS]["layer"])
     assert layers[-1]["layer"] == "`logits`" and layers[-1]["output shape"] == "`(None, 10)`"
     # ResNet-20: 6n+2 = 20 weighted layers (19 convolutions, 1 dense), 9 residual additions.
     by_type = {r["type"]: int(r["layers"]) for r in table_with(model, "type", "layers")}
@@ -328,16 +330,16 @@ def test_compare_report_has_only_the_differing_flags_sorted_by_val_accuracy(digi
 def test_compare_a_tuning_directory_reads_its_trials(digits_run, tmp_path):
     runs = three_runs(digits_run["model_dir"], tmp_path / "src")
     tune = tmp_path / "tune"
-    (tune / report.TRIALS_DIR).mkdir(parents=True)
+    (tune / layout.TRIALS_DIR).mkdir(parents=True)
     lines = ["trial_id,status,run_dir"]
     for i, run in enumerate(runs.values()):
-        target = str(tune / report.TRIALS_DIR / f"{i:02d}")
+        target = str(tune / layout.TRIALS_DIR / f"{i:02d}")
         shutil.move(run["dir"], target)
         run["dir"] = target
         lines.append(f"{i:02d},completed,{target}")
-    (tune / report.TRIALS_CSV).write_text("\n".join(lines) + "\n")
-    write_json(str(tune / report.SEARCH_FILE), {"objective": "val_accuracy"})
-    md, page = report.write_comparison_report([str(tune)])
+    (tune / layout.TRIALS_CSV).write_text("\n".join(lines) + "\n")
+    write_json(str(tune / layout.SEARCH_FILE), {"objective": "val_accuracy"})
+    md, page = reporting.write_comparison_report([str(tune)])
     assert md == str(tune / "comparison.md") and page == str(tune / "comparison.html")
     text = read(md)
     rows = table_with(text, "run", "optimizer", "learning_rate")
@@ -345,12 +347,6 @@ def test_compare_a_tuning_directory_reads_its_trials(digits_run, tmp_path):
     assert [r["run"].strip("`") for r in rows] == [os.path.basename(r["dir"]) for r in best_first]
     assert f"tuning directory {tune}" in text
     assert os.path.exists(tune / "plots" / "comparison.png")
-
-
-def test_tuning_layout_constants_match_pipeline_tuning():
-    from pipeline.tuning import search as tuning
-    assert (report.TRIALS_DIR, report.TRIALS_CSV, report.SEARCH_FILE) == (
-        tuning.TRIALS_DIR, tuning.TRIALS_CSV, tuning.SEARCH_FILE)
 
 
 # --------------------------------------------------------------------------- unfinished runs and errors
@@ -376,9 +372,9 @@ def interrupt(run, epochs_done):
 def test_interrupted_run_is_reported_as_interrupted_after_epoch_n(digits_run, tmp_path):
     run = copy_run(digits_run["model_dir"], tmp_path / "killed")
     best = interrupt(run, 2)
-    status = report.run_status(run)
+    status = run_status(run)
     assert (status.kind, status.epochs_done) == ("interrupted", 2)
-    md, page = report.write_run_report(run, export_roots=[], load_model=False)
+    md, page = reporting.write_run_report(run, export_roots=[], load_model=False)
     text = read(md)
     assert "interrupted after epoch 2" in text and f"--resume --model_dir={run}" in text
     # The best checkpoint so far is still evaluated on the test split, and labelled as such.
@@ -400,13 +396,13 @@ def test_run_with_a_live_writer_is_still_running(digits_run, tmp_path):
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "open"
-        status = report.run_status(run)
+        status = run_status(run)
         assert status.kind == "running" and holder.pid in status.live_pids
         assert "still running" in status.text and "1 epoch finished so far" in status.text
     finally:
         holder.kill()
         holder.wait()
-    assert report.run_status(run).kind == "interrupted"
+    assert run_status(run).kind == "interrupted"
 
 
 def test_run_without_a_test_split_says_so(digits_run, tmp_path):
@@ -421,7 +417,7 @@ def test_run_without_a_test_split_says_so(digits_run, tmp_path):
     for name in ("evaluation_test.json", "confusion_test.csv"):
         if os.path.exists(os.path.join(run, name)):
             os.remove(os.path.join(run, name))
-    md, page = report.write_run_report(run, export_roots=[], load_model=False)
+    md, page = reporting.write_run_report(run, export_roots=[], load_model=False)
     text = read(md)
     assert "This run has no test split (0 test images)" in section(text, "Test results")
     assert "- **Test accuracy:** no test split" in text
@@ -437,7 +433,7 @@ def test_missing_run_dir_is_one_error_line(tmp_path):
     assert last_line(proc.stderr) == f"error: Run directory {str(missing)!r} does not exist."
     assert "Traceback" not in proc.stderr
     with pytest.raises(rundir.RunDirError, match="does not exist"):
-        report.write_comparison_report([str(missing)])
+        reporting.write_comparison_report([str(missing)])
 
 
 def test_importing_the_module_defines_no_flags():

@@ -18,10 +18,10 @@ import pytest
 
 from pipeline import config as cfg
 from pipeline.training import tensorboard as insight
-from pipeline.reporting import plots
+from pipeline.reporting import network, plots, settings, views, visualization
 from pipeline import rundir
 from pipeline.training import trainer as training
-from pipeline.data import sources as data_lib
+from pipeline import data
 from tests.helpers import REPO, last_line, run_cli
 
 
@@ -86,7 +86,7 @@ def test_insight_callback_in_training_writes_lr_weights_gradients_and_images(tmp
                               lr_decay=0.1, optimizer=cfg.OptimizerConfig("sgd", 0.05),
                               precision="float32", strategy="default", tensorboard=False,
                               verbose=0))
-    datasets = data_lib.load_dataset(run.data)
+    datasets = data.load_dataset(run.data)
     callback = insight.callback_for_run(model_dir, datasets, histogram_freq=1, max_examples=8)
     model = tiny_model(len(datasets.class_names))
     training.train(run, datasets=datasets, model=model, extra_callbacks=[callback])
@@ -144,7 +144,7 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import keras, numpy as np
-    from pipeline import insight
+    from pipeline.training import tensorboard as insight
     from tests.test_visualize import tiny_model
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     strategy = tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
@@ -205,7 +205,7 @@ EXPECTED_SIZES = {
 @pytest.fixture(scope="module")
 def digit_png(digits_run, tmp_path_factory):
     """Test image 0 of the digits run, written as a PNG file as a user would have it."""
-    image, label = plots.dataset_image(digits_run["model_dir"], "test", 0)
+    image, label = views.dataset_image(digits_run["model_dir"], "test", 0)
     path = str(tmp_path_factory.mktemp("images") / "digit.png")
     matplotlib.image.imsave(path, image)
     return path, label
@@ -253,31 +253,31 @@ def test_visualize_errors_are_one_clear_line(args, needle, digits_run, digit_png
 # --------------------------------------------------------------------------- plots in-process
 
 def test_what_values_are_checked():
-    assert plots.parse_kinds(["all"]) == list(plots.KINDS)
-    assert plots.parse_kinds(["lr", "curves", "lr"]) == ["lr", "curves"]
+    assert visualization.parse_kinds(["all"]) == list(visualization.KINDS)
+    assert visualization.parse_kinds(["lr", "curves", "lr"]) == ["lr", "curves"]
     with pytest.raises(ValueError, match="did you mean 'curves'"):
-        plots.parse_kinds(["curvs"])
+        visualization.parse_kinds(["curvs"])
 
 
 @pytest.fixture(scope="module")
 def digits_model(digits_run):
-    return plots.load_run_model(digits_run["model_dir"])
+    return network.load_run_model(digits_run["model_dir"])
 
 
 def test_list_layers_and_layer_lookup(digits_model):
-    text = plots.format_layers(digits_model)
+    text = network.format_layers(digits_model)
     assert "stem_conv" in text and "(None, 32, 32, 16)" in text and "pool" in text
-    assert plots.resolve_layer(digits_model, 2)[1] == "stem_conv"
-    assert plots.gradcam_layer_name(digits_model) == "stage3_block3_out"
-    assert plots.default_feature_layers(digits_model) == ["stem_conv", "stage3_block3_out"]
+    assert network.resolve_layer(digits_model, 2)[1] == "stem_conv"
+    assert network.gradcam_layer_name(digits_model) == "stage3_block3_out"
+    assert network.default_feature_layers(digits_model) == ["stem_conv", "stage3_block3_out"]
     with pytest.raises(ValueError, match="close names: stem_conv"):
-        plots.resolve_layer(digits_model, "stem_cnv")
+        network.resolve_layer(digits_model, "stem_cnv")
 
 
 def test_feature_maps_of_the_image_match_the_model(digits_model, digit_png):
-    image = plots.load_image(digit_png[0], plots.input_size(digits_model))
+    image = views.load_image(digit_png[0], network.input_size(digits_model))
     assert image.shape == (32, 32, 3) and 0 <= image.min() and image.max() <= 1
-    (name, act), = plots.feature_maps(digits_model, image, ["stage3_block3_out"])
+    (name, act), = views.feature_maps(digits_model, image, ["stage3_block3_out"])
     assert act.shape == (8, 8, 64) and act.std() > 0
     # The last feature map, averaged, is what "pool" gives the head.
     pool = keras.Model(digits_model.inputs[0], digits_model.get_layer("pool").output)(image[None])
@@ -285,7 +285,7 @@ def test_feature_maps_of_the_image_match_the_model(digits_model, digit_png):
 
 
 def test_activation_maximization_raises_the_target_activation(digits_model):
-    result = plots.maximize_activation(digits_model, "stage2_block3_2_conv", [0, 1, 2, 3], steps=40)
+    result = views.maximize_activation(digits_model, "stage2_block3_2_conv", [0, 1, 2, 3], steps=40)
     assert result.images.shape == (4, 32, 32, 3)
     assert result.images.min() >= 0 and result.images.max() <= 1
     assert (result.end > result.start + 0.1).all(), (result.start, result.end)
@@ -305,12 +305,28 @@ def test_nested_backbone_layers_are_reachable():
     x = keras.layers.GlobalAveragePooling2D(name="pool")(backbone(x))
     model = keras.Model(inp, keras.layers.Dense(2, name="logits")(x))
     image = np.random.default_rng(0).random((16, 16, 3), dtype=np.float32)
-    (name, act), = plots.feature_maps(model, image, ["backbone/c1"])
+    (name, act), = views.feature_maps(model, image, ["backbone/c1"])
     expected = backbone.get_layer("c1")(image[None] * 2 - 1)
     np.testing.assert_allclose(act, np.asarray(expected)[0], rtol=1e-5, atol=1e-5)
-    assert plots.first_conv(model)[1] == "backbone/c1"
-    assert plots.gradcam_layer_name(model) == "backbone"
-    assert "backbone/c2" in plots.format_layers(model)
+    assert network.first_conv(model)[1] == "backbone/c1"
+    assert network.gradcam_layer_name(model) == "backbone"
+    assert "backbone/c2" in network.format_layers(model)
+
+
+def test_graph_tensor_gives_a_nested_models_outer_tensors():
+    """The one Keras internal the views rely on (`network.graph_tensor`): if this fails, Keras changed."""
+    inner_in = keras.Input((8, 8, 3))
+    backbone = keras.Model(inner_in, keras.layers.Conv2D(4, 3, name="c")(inner_in), name="backbone")
+    inp = keras.Input((8, 8, 3), name="image")
+    pre = keras.layers.Rescaling(2.0, name="preprocess")
+    x = pre(inp)
+    y = backbone(x)
+    keras.Model(inp, keras.layers.GlobalAveragePooling2D(name="pool")(y))
+    # A nested Model's own properties give its inner graph; graph_tensor the tensors of the outer one.
+    assert backbone.input is inner_in and backbone.input is not x
+    assert network.graph_tensor(backbone, "input") is x
+    assert network.graph_tensor(backbone, "output") is y
+    assert network.graph_tensor(pre, "output") is pre.output is x   # plain layers: the same as .output
 
 
 def test_model_plots_work_under_mixed_precision(tmp_path):
@@ -321,13 +337,13 @@ def test_model_plots_work_under_mixed_precision(tmp_path):
         keras.mixed_precision.set_global_policy("float32")
     assert model.get_layer("conv1").compute_dtype == "bfloat16"
     image = np.random.default_rng(0).random((16, 16, 3), dtype=np.float32)
-    cam = plots.grad_cam(model, image)
+    cam = views.grad_cam(model, image)
     assert cam.heatmap.dtype == np.float32 and cam.layer == "conv2" and np.isfinite(cam.heatmap).all()
-    (_, act), = plots.feature_maps(model, image, ["relu1"])
+    (_, act), = views.feature_maps(model, image, ["relu1"])
     assert act.dtype == np.float32 and act.shape == (16, 16, 8)
-    result = plots.maximize_activation(model, "conv2", 2, steps=10)
+    result = views.maximize_activation(model, "conv2", 2, steps=10)
     assert (result.end > result.start).all()
-    assert_picture(plots.plot_filters(model, str(tmp_path)), (400, 390))
+    assert_picture(views.plot_filters(model, str(tmp_path)), (400, 390))
 
 
 class GatedCoordinates(keras.layers.Layer):
@@ -373,13 +389,13 @@ def test_gradcam_peaks_on_the_bright_square(tmp_path):
 
     xt, yt, corners = squares(8, np.random.default_rng(1))
     for image, label, (r, c) in zip(xt, yt, corners):
-        cam = plots.grad_cam(model, image)
+        cam = views.grad_cam(model, image)
         assert cam.layer == "conv2" and cam.heatmap.shape == (32, 32)
         assert cam.class_index == label
         pr, pc = np.unravel_index(np.argmax(cam.heatmap), cam.heatmap.shape)
         assert (pr // 16) * 2 + pc // 16 == label, f"peak at {(pr, pc)}, square in quadrant {label}"
         assert r - 2 <= pr < r + 12 and c - 2 <= pc < c + 12, "peak is not on the square"
-    path = plots.plot_gradcam(model, xt[0], str(tmp_path), class_names=["TL", "TR", "BL", "BR"],
+    path = views.plot_gradcam(model, xt[0], str(tmp_path), class_names=["TL", "TR", "BL", "BR"],
                               tag="square")
     assert_picture(path, EXPECTED_SIZES["gradcam_digit.png"])
 
@@ -401,8 +417,8 @@ def test_compare_labels_use_flag_names():
     other["model"]["name"] = "plain20"
     other["model_dir"] = "b"
     other["train"]["verbose"] = 0  # not a difference worth a legend
-    labels, common = plots.compare_labels([base, other], ["a", "b"])
+    labels, common = settings.compare_labels([base, other], ["a", "b"])
     assert labels == ["model=resnet20", "model=plain20"]
     assert common["optimizer"] == "sgd" and common["learning_rate"] == 0.1
-    labels, _ = plots.compare_labels([base, json.loads(json.dumps(base))], ["a", "b"])
+    labels, _ = settings.compare_labels([base, json.loads(json.dumps(base))], ["a", "b"])
     assert labels == ["a", "b"]  # identical settings: the run names

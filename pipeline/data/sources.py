@@ -241,13 +241,3 @@ def _tfds_source(name: str, config: DataConfig) -> Source:
         native_size=native_size,
         stats=KNOWN_STATS.get(base),
     )
-
-
-# -- transitional: names other modules still import from here; they move to
-# `from pipeline import data` (data.load_dataset, data.Split, ...), then this goes.
-from pipeline.data.dataset import load_dataset  # noqa: F401
-from pipeline.data.registry import SOURCES  # noqa: F401
-
-_Split = Split
-_Source = Source
-_digits_arrays = digits_arrays

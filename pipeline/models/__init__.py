@@ -3,3 +3,4 @@ from pipeline.models.registry import (create_model, get_spec, is_valid_model_nam
                                       list_models, list_prefixes, register_model)
 from pipeline.models import resnet_cifar, resnet  # noqa: F401,E402
 from pipeline.models import bit, pretrained  # noqa: F401,E402
+from pipeline.models.saving import load_model  # noqa: F401,E402

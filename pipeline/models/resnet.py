@@ -313,94 +313,29 @@ def _resnet(name: str, depth: int, *, preact: bool, num_classes, input_shape, we
                         weights=weights)
 
 
-# Each builder: `stem` "auto" | "cifar" | "imagenet", `pooling` "avg" | "max",
-# `width_multiplier` scales every stage's channels.
 
-@register_model(family="resnet", default_image_size=224, depth=18, depths=_BLOCKS[18][1])
-def resnet18(*, num_classes, input_shape, weights=None, normalization=None,
-             stem="auto", pooling="avg", width_multiplier=1.0):
-    """ResNet-18: basic blocks (2, 2, 2, 2)."""
-    return _resnet("resnet18", 18, preact=False, num_classes=num_classes, input_shape=input_shape,
-                   weights=weights, normalization=normalization, stem=stem, pooling=pooling,
-                   width_multiplier=width_multiplier)
+def _make_builder(depth: int, *, preact: bool):
+    name = f"{'preact_' if preact else ''}resnet{depth}"
 
+    def builder(*, num_classes, input_shape, weights=None, normalization=None,
+                stem="auto", pooling="avg", width_multiplier=1.0):
+        return _resnet(name, depth, preact=preact, num_classes=num_classes, input_shape=input_shape,
+                       weights=weights, normalization=normalization, stem=stem, pooling=pooling,
+                       width_multiplier=width_multiplier)
 
-@register_model(family="resnet", default_image_size=224, depth=34, depths=_BLOCKS[34][1])
-def resnet34(*, num_classes, input_shape, weights=None, normalization=None,
-             stem="auto", pooling="avg", width_multiplier=1.0):
-    """ResNet-34: basic blocks (3, 4, 6, 3)."""
-    return _resnet("resnet34", 34, preact=False, num_classes=num_classes, input_shape=input_shape,
-                   weights=weights, normalization=normalization, stem=stem, pooling=pooling,
-                   width_multiplier=width_multiplier)
+    block_fn, stage_blocks = _BLOCKS[depth]
+    builder.__name__ = builder.__qualname__ = name
+    builder.__doc__ = (f"{'Pre-activation ' if preact else ''}ResNet-{depth}: {block_fn.__name__} blocks "
+                       f"{stage_blocks}.\n\n`stem` \"auto\" | \"cifar\" | \"imagenet\", `pooling` \"avg\" | "
+                       "\"max\", `width_multiplier` scales every stage's channels.")
+    return name, builder
 
 
-@register_model(family="resnet", default_image_size=224, depth=50, depths=_BLOCKS[50][1])
-def resnet50(*, num_classes, input_shape, weights=None, normalization=None,
-             stem="auto", pooling="avg", width_multiplier=1.0):
-    """ResNet-50: bottleneck blocks (3, 4, 6, 3)."""
-    return _resnet("resnet50", 50, preact=False, num_classes=num_classes, input_shape=input_shape,
-                   weights=weights, normalization=normalization, stem=stem, pooling=pooling,
-                   width_multiplier=width_multiplier)
-
-
-@register_model(family="resnet", default_image_size=224, depth=101, depths=_BLOCKS[101][1])
-def resnet101(*, num_classes, input_shape, weights=None, normalization=None,
-              stem="auto", pooling="avg", width_multiplier=1.0):
-    """ResNet-101: bottleneck blocks (3, 4, 23, 3)."""
-    return _resnet("resnet101", 101, preact=False, num_classes=num_classes,
-                   input_shape=input_shape, weights=weights, normalization=normalization,
-                   stem=stem, pooling=pooling, width_multiplier=width_multiplier)
-
-
-@register_model(family="resnet", default_image_size=224, depth=152, depths=_BLOCKS[152][1])
-def resnet152(*, num_classes, input_shape, weights=None, normalization=None,
-              stem="auto", pooling="avg", width_multiplier=1.0):
-    """ResNet-152: bottleneck blocks (3, 8, 36, 3)."""
-    return _resnet("resnet152", 152, preact=False, num_classes=num_classes,
-                   input_shape=input_shape, weights=weights, normalization=normalization,
-                   stem=stem, pooling=pooling, width_multiplier=width_multiplier)
-
-
-@register_model(family="preact_resnet", default_image_size=224, depth=18, depths=_BLOCKS[18][1])
-def preact_resnet18(*, num_classes, input_shape, weights=None, normalization=None,
-                    stem="auto", pooling="avg", width_multiplier=1.0):
-    """Pre-activation ResNet-18: basic blocks (2, 2, 2, 2)."""
-    return _resnet("preact_resnet18", 18, preact=True, num_classes=num_classes,
-                   input_shape=input_shape, weights=weights, normalization=normalization,
-                   stem=stem, pooling=pooling, width_multiplier=width_multiplier)
-
-
-@register_model(family="preact_resnet", default_image_size=224, depth=34, depths=_BLOCKS[34][1])
-def preact_resnet34(*, num_classes, input_shape, weights=None, normalization=None,
-                    stem="auto", pooling="avg", width_multiplier=1.0):
-    """Pre-activation ResNet-34: basic blocks (3, 4, 6, 3)."""
-    return _resnet("preact_resnet34", 34, preact=True, num_classes=num_classes,
-                   input_shape=input_shape, weights=weights, normalization=normalization,
-                   stem=stem, pooling=pooling, width_multiplier=width_multiplier)
-
-
-@register_model(family="preact_resnet", default_image_size=224, depth=50, depths=_BLOCKS[50][1])
-def preact_resnet50(*, num_classes, input_shape, weights=None, normalization=None,
-                    stem="auto", pooling="avg", width_multiplier=1.0):
-    """Pre-activation ResNet-50: bottleneck blocks (3, 4, 6, 3)."""
-    return _resnet("preact_resnet50", 50, preact=True, num_classes=num_classes,
-                   input_shape=input_shape, weights=weights, normalization=normalization,
-                   stem=stem, pooling=pooling, width_multiplier=width_multiplier)
-
-
-@register_model(family="preact_resnet", default_image_size=224, depth=101, depths=_BLOCKS[101][1])
-def preact_resnet101(*, num_classes, input_shape, weights=None, normalization=None,
-                     stem="auto", pooling="avg", width_multiplier=1.0):
-    """Pre-activation ResNet-101: bottleneck blocks (3, 4, 23, 3)."""
-    return _resnet("preact_resnet101", 101, preact=True, num_classes=num_classes,
-                   input_shape=input_shape, weights=weights, normalization=normalization,
-                   stem=stem, pooling=pooling, width_multiplier=width_multiplier)
-
-
-@register_model(family="preact_resnet", default_image_size=224, depth=152, depths=_BLOCKS[152][1])
-def preact_resnet152(*, num_classes, input_shape, weights=None, normalization=None,
-                     stem="auto", pooling="avg", width_multiplier=1.0):
-    """Pre-activation ResNet-152: bottleneck blocks (3, 8, 36, 3)."""
-    return _resnet("preact_resnet152", 152, preact=True, num_classes=num_classes,
-                   input_shape=input_shape, weights=weights, normalization=normalization,
-                   stem=stem, pooling=pooling, width_multiplier=width_multiplier)
+# One registered builder per depth and variant, made from `_BLOCKS` (like bit.py's table).
+for _preact, _family in ((False, "resnet"), (True, "preact_resnet")):
+    for _depth in _BLOCKS:
+        _name, _builder = _make_builder(_depth, preact=_preact)
+        register_model(_name, family=_family, default_image_size=224, depth=_depth,
+                       depths=_BLOCKS[_depth][1])(_builder)
+        globals()[_name] = _builder
+del _preact, _family, _depth, _name, _builder

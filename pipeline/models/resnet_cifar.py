@@ -53,106 +53,54 @@ def _cifar_resnet(name: str, depth: int, *, shortcut: str, num_classes, input_sh
     return finish_model(inputs, x, name=name, num_classes=num_classes, weights=weights)
 
 
-@register_model(family="cifar_resnet", default_image_size=32, depth=20, depths=(3, 3, 3),
-                residual=True)
-def resnet20(*, num_classes, input_shape, weights=None, normalization=None,
-             shortcut="A", width_multiplier=1.0):
-    """ResNet-20 (n=3, 0.27M params): 8.75% CIFAR-10 error in the paper."""
-    return _cifar_resnet("resnet20", 20, shortcut=shortcut, num_classes=num_classes,
-                         input_shape=input_shape, weights=weights, normalization=normalization,
-                         width_multiplier=width_multiplier)
+# depth -> what the paper reports of the residual network (He et al. 2016, Table 6).
+RESIDUAL_VARIANTS = {
+    20: "0.27M params: 8.75% CIFAR-10 error in the paper",
+    32: "0.46M params: 7.51% CIFAR-10 error in the paper",
+    44: "0.66M params: 7.17% CIFAR-10 error in the paper",
+    56: "0.85M params: 6.97% CIFAR-10 error in the paper",
+    110: "1.7M params: 6.43% CIFAR-10 error in the paper",
+    1202: "19.4M params: the paper's overfitting example (7.93%)",
+}
+# depth -> what the paper shows of the plain (shortcut-free) twin (Fig. 6).
+PLAIN_VARIANTS = {
+    20: "the paper's degradation baseline",
+    32: "deeper, with higher training error",
+    44: "deeper, with higher training error",
+    56: "higher training error than plain-20",
+    110: "fails to converge well in the paper",
+}
 
 
-@register_model(family="cifar_resnet", default_image_size=32, depth=32, depths=(5, 5, 5),
-                residual=True)
-def resnet32(*, num_classes, input_shape, weights=None, normalization=None,
-             shortcut="A", width_multiplier=1.0):
-    """ResNet-32 (n=5, 0.46M params): 7.51% CIFAR-10 error in the paper."""
-    return _cifar_resnet("resnet32", 32, shortcut=shortcut, num_classes=num_classes,
-                         input_shape=input_shape, weights=weights, normalization=normalization,
-                         width_multiplier=width_multiplier)
+def _make_residual(depth: int, note: str):
+    def builder(*, num_classes, input_shape, weights=None, normalization=None,
+                shortcut="A", width_multiplier=1.0):
+        return _cifar_resnet(f"resnet{depth}", depth, shortcut=shortcut, num_classes=num_classes,
+                             input_shape=input_shape, weights=weights, normalization=normalization,
+                             width_multiplier=width_multiplier)
+
+    builder.__doc__ = f"ResNet-{depth} (n={blocks_per_stage(depth)}, {note})."
+    return builder
 
 
-@register_model(family="cifar_resnet", default_image_size=32, depth=44, depths=(7, 7, 7),
-                residual=True)
-def resnet44(*, num_classes, input_shape, weights=None, normalization=None,
-             shortcut="A", width_multiplier=1.0):
-    """ResNet-44 (n=7, 0.66M params): 7.17% CIFAR-10 error in the paper."""
-    return _cifar_resnet("resnet44", 44, shortcut=shortcut, num_classes=num_classes,
-                         input_shape=input_shape, weights=weights, normalization=normalization,
-                         width_multiplier=width_multiplier)
+def _make_plain(depth: int, note: str):
+    def builder(*, num_classes, input_shape, weights=None, normalization=None, width_multiplier=1.0):
+        return _cifar_resnet(f"plain{depth}", depth, shortcut=SHORTCUT_NONE, num_classes=num_classes,
+                             input_shape=input_shape, weights=weights, normalization=normalization,
+                             width_multiplier=width_multiplier)
+
+    builder.__doc__ = f"Plain-{depth}: ResNet-{depth} without shortcuts ({note})."
+    return builder
 
 
-@register_model(family="cifar_resnet", default_image_size=32, depth=56, depths=(9, 9, 9),
-                residual=True)
-def resnet56(*, num_classes, input_shape, weights=None, normalization=None,
-             shortcut="A", width_multiplier=1.0):
-    """ResNet-56 (n=9, 0.85M params): 6.97% CIFAR-10 error in the paper."""
-    return _cifar_resnet("resnet56", 56, shortcut=shortcut, num_classes=num_classes,
-                         input_shape=input_shape, weights=weights, normalization=normalization,
-                         width_multiplier=width_multiplier)
-
-
-@register_model(family="cifar_resnet", default_image_size=32, depth=110, depths=(18, 18, 18),
-                residual=True)
-def resnet110(*, num_classes, input_shape, weights=None, normalization=None,
-              shortcut="A", width_multiplier=1.0):
-    """ResNet-110 (n=18, 1.7M params): 6.43% CIFAR-10 error in the paper."""
-    return _cifar_resnet("resnet110", 110, shortcut=shortcut, num_classes=num_classes,
-                         input_shape=input_shape, weights=weights, normalization=normalization,
-                         width_multiplier=width_multiplier)
-
-
-@register_model(family="cifar_resnet", default_image_size=32, depth=1202, depths=(200, 200, 200),
-                residual=True)
-def resnet1202(*, num_classes, input_shape, weights=None, normalization=None,
-               shortcut="A", width_multiplier=1.0):
-    """ResNet-1202 (n=200, 19.4M params): the paper's overfitting example (7.93%)."""
-    return _cifar_resnet("resnet1202", 1202, shortcut=shortcut, num_classes=num_classes,
-                         input_shape=input_shape, weights=weights, normalization=normalization,
-                         width_multiplier=width_multiplier)
-
-
-@register_model(family="cifar_resnet", default_image_size=32, depth=20, depths=(3, 3, 3),
-                residual=False)
-def plain20(*, num_classes, input_shape, weights=None, normalization=None, width_multiplier=1.0):
-    """Plain-20: ResNet-20 without shortcuts (the paper's degradation baseline)."""
-    return _cifar_resnet("plain20", 20, shortcut=SHORTCUT_NONE, num_classes=num_classes,
-                         input_shape=input_shape, weights=weights, normalization=normalization,
-                         width_multiplier=width_multiplier)
-
-
-@register_model(family="cifar_resnet", default_image_size=32, depth=32, depths=(5, 5, 5),
-                residual=False)
-def plain32(*, num_classes, input_shape, weights=None, normalization=None, width_multiplier=1.0):
-    """Plain-32: ResNet-32 without shortcuts."""
-    return _cifar_resnet("plain32", 32, shortcut=SHORTCUT_NONE, num_classes=num_classes,
-                         input_shape=input_shape, weights=weights, normalization=normalization,
-                         width_multiplier=width_multiplier)
-
-
-@register_model(family="cifar_resnet", default_image_size=32, depth=44, depths=(7, 7, 7),
-                residual=False)
-def plain44(*, num_classes, input_shape, weights=None, normalization=None, width_multiplier=1.0):
-    """Plain-44: ResNet-44 without shortcuts."""
-    return _cifar_resnet("plain44", 44, shortcut=SHORTCUT_NONE, num_classes=num_classes,
-                         input_shape=input_shape, weights=weights, normalization=normalization,
-                         width_multiplier=width_multiplier)
-
-
-@register_model(family="cifar_resnet", default_image_size=32, depth=56, depths=(9, 9, 9),
-                residual=False)
-def plain56(*, num_classes, input_shape, weights=None, normalization=None, width_multiplier=1.0):
-    """Plain-56: ResNet-56 without shortcuts (higher training error than plain-20)."""
-    return _cifar_resnet("plain56", 56, shortcut=SHORTCUT_NONE, num_classes=num_classes,
-                         input_shape=input_shape, weights=weights, normalization=normalization,
-                         width_multiplier=width_multiplier)
-
-
-@register_model(family="cifar_resnet", default_image_size=32, depth=110, depths=(18, 18, 18),
-                residual=False)
-def plain110(*, num_classes, input_shape, weights=None, normalization=None, width_multiplier=1.0):
-    """Plain-110: ResNet-110 without shortcuts (fails to converge well in the paper)."""
-    return _cifar_resnet("plain110", 110, shortcut=SHORTCUT_NONE, num_classes=num_classes,
-                         input_shape=input_shape, weights=weights, normalization=normalization,
-                         width_multiplier=width_multiplier)
+# One registered builder per variant, made from the tables (like bit.py's and pretrained.py's).
+for _kind, _variants, _make in (("resnet", RESIDUAL_VARIANTS, _make_residual),
+                                ("plain", PLAIN_VARIANTS, _make_plain)):
+    for _depth, _note in _variants.items():
+        _builder = _make(_depth, _note)
+        _builder.__name__ = _builder.__qualname__ = f"{_kind}{_depth}"
+        _n = blocks_per_stage(_depth)
+        register_model(_builder.__name__, family="cifar_resnet", default_image_size=32, depth=_depth,
+                       depths=(_n, _n, _n), residual=_kind == "resnet")(_builder)
+        globals()[_builder.__name__] = _builder
+del _kind, _variants, _make, _depth, _note, _builder, _n

@@ -392,8 +392,8 @@ def export_run(model_dir: str, *, export_root: str = "saved_models", name: Optio
     dataset = (config.get("data") or {}).get("dataset") or summary.get("dataset") or "data"
 
     import keras
-    import pipeline.models  # noqa: F401  (registers the custom layers for loading)
-    model = keras.saving.load_model(filename, compile=False)
+    from pipeline.models import load_model
+    model = load_model(filename)
     card = {
         "model": model_name,
         "dataset": dataset,

@@ -1,6 +1,6 @@
 """Keras callbacks that make a run directory trustworthy.
 
-Order matters and is fixed by `training.standard_callbacks`: EpochStats adds
+Order matters and is fixed by the trainer (`trainer._callbacks`): EpochStats adds
 `lr`, `epoch_seconds` and `images_per_second` to the epoch logs first, then
 RunCheckpoint saves the weights, appends the metrics row and only then commits
 `state.json`. A crash at any point therefore resumes from the last epoch whose

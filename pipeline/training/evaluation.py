@@ -8,17 +8,12 @@ import numpy as np
 
 from pipeline import config as cfg
 from pipeline import data, rundir
-
-
-def load_checkpoint(filename: str) -> keras.Model:
-    """A `.keras` checkpoint of ours as an uncompiled model (our custom layers registered first)."""
-    import pipeline.models  # noqa: F401  (registers the custom layers for loading)
-    return keras.saving.load_model(filename, compile=False, safe_mode=False)
+from pipeline.models import load_model
 
 
 def load_model_weights(model: keras.Model, filename: str) -> None:
     """Load model weights only from a `.keras` checkpoint (its optimizer may differ)."""
-    model.set_weights(load_checkpoint(filename).get_weights())
+    model.set_weights(load_model(filename).get_weights())
 
 
 def evaluate_checkpoint(model_dir: str, *, split: str = "test", checkpoint: str = "best"):
@@ -38,7 +33,7 @@ def evaluate_checkpoint(model_dir: str, *, split: str = "test", checkpoint: str 
     filename = rundir.checkpoint_file(model_dir, checkpoint)
     if not os.path.exists(filename):
         raise rundir.RunDirError(f"{filename} is missing: the run finished no epoch.")
-    model = load_checkpoint(filename)
+    model = load_model(filename)
     labels, logits = [], []
     for x, y in ds:
         logits.append(model(x, training=False).numpy().astype(np.float32))

@@ -13,8 +13,8 @@ import keras
 import numpy as np
 
 from pipeline import rundir
-
-_HEAD = "logits"
+from pipeline.models import load_model
+from pipeline.models.pretrained import HEAD
 
 
 class InitFromError(ValueError):
@@ -29,7 +29,7 @@ def find_checkpoint(source: str) -> str:
     """
     if os.path.isfile(source) and source.endswith(".keras"):
         return source
-    best = rundir.path(source, rundir.CHECKPOINT_DIR, rundir.BEST_CHECKPOINT)
+    best = rundir.checkpoint_file(source, "best")
     if os.path.isfile(best):
         return best
     candidates = [source]
@@ -57,7 +57,7 @@ def copy_matching_weights(target: keras.Model, source: keras.Model) -> list[str]
     copied = []
     for layer in target.layers:
         donor = donors.get(layer.name)
-        if layer.name == _HEAD or donor is None or not layer.weights:
+        if layer.name == HEAD or donor is None or not layer.weights:
             continue
         theirs = donor.get_weights()
         if [w.shape for w in layer.weights] != [np.shape(w) for w in theirs]:
@@ -69,15 +69,13 @@ def copy_matching_weights(target: keras.Model, source: keras.Model) -> list[str]
 
 def load_backbone(model: keras.Model, source: str) -> list[str]:
     """Initialize `model` (all but its head) from `source`; raises if nothing matches."""
-    import pipeline.models  # noqa: F401  (registers our layers for loading)
-
     checkpoint = find_checkpoint(source)
-    donor = keras.saving.load_model(checkpoint, compile=False, safe_mode=False)
+    donor = load_model(checkpoint)
     copied = copy_matching_weights(model, donor)
     if not copied:
         raise InitFromError(
             f"--init_from={source}: no layer of {model.name!r} matches {donor.name!r} by name and "
             "shape; use the same --model as the source run.")
-    total = sum(1 for layer in model.layers if layer.weights and layer.name != _HEAD)
+    total = sum(1 for layer in model.layers if layer.weights and layer.name != HEAD)
     print(f"init_from: copied {len(copied)}/{total} layers from {checkpoint}", flush=True)
     return copied

@@ -11,7 +11,7 @@ Keras's own "train" and "validation"):
   * `gradients/<variable path>` and `gradient_norm` (histograms, scalar, same
     epochs): gradients of the loss on one fixed batch, taken with
     `tf.GradientTape` at the end of the epoch;
-  * `augmented_training_images` (images, once, at the first `fit`).
+  * `augmented_training_images` (images, once, when training begins).
 
 Steps are 0-based epoch indices, like Keras's `epoch_*` scalars.
 
@@ -38,6 +38,8 @@ from typing import Optional
 import keras
 import numpy as np
 import tensorflow as tf
+
+from pipeline import rundir
 
 INSIGHT_SUBDIR = "insight"
 LR_TAG = "learning_rate"
@@ -243,8 +245,6 @@ def callback_for_run(model_dir: str, datasets, *, histogram_freq: int = 0,
       label_smoothing: the run's label smoothing.
       max_examples: size of the fixed batch.
     """
-    from pipeline import rundir
-
     batch = sample_batch_from(datasets.train, len(datasets.class_names), max_examples=max_examples)
     return InsightCallback(rundir.path(model_dir, rundir.TENSORBOARD_DIR, INSIGHT_SUBDIR),
                            histogram_freq, sample_batch=batch, label_smoothing=label_smoothing)
@@ -268,5 +268,5 @@ def read_insight_events(log_dir: str) -> dict[str, list[tuple[int, np.ndarray]]]
     return out
 
 
-__all__ = ("InsightCallback", "callback_for_run", "sample_batch_from",
-                          "current_learning_rate", "read_insight_events", "INSIGHT_SUBDIR")
+__all__ = ("InsightCallback", "callback_for_run", "sample_batch_from", "current_learning_rate",
+           "read_insight_events", "INSIGHT_SUBDIR")

@@ -20,7 +20,7 @@ from typing import Any, Mapping, Optional
 import keras
 import keras_tuner as kt
 
-import pipeline.models  # noqa: F401  (registers the custom layers `load_model` reads)
+import pipeline.models
 from pipeline import config as cfg
 from pipeline import data, rundir
 from pipeline.training import distribute, precision, trainer
@@ -216,7 +216,7 @@ class PipelineTuner(kt.Tuner):
 
     def load_model(self, trial):
         path = rundir.checkpoint_file(self.hypermodel.trial_dir(trial.trial_id), "best")
-        return keras.saving.load_model(path, compile=False, safe_mode=False)
+        return pipeline.models.load_model(path)
 
     def on_trial_end(self, trial):
         super().on_trial_end(trial)

@@ -21,22 +21,31 @@ from pipeline.tuning.overrides import format_value
 CIFAR_FAMILY = "cifar_resnet"
 
 
-@dataclasses.dataclass(frozen=True)
-class HyperparameterSpec:
-    """One searchable hyperparameter: its kind and built-in search range.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Domain:
+    """Where a hyperparameter's values lie.
 
-    kind: `choice` (flag `--<name>_choices`), `float` or `int` (flag `--<name>_range`).
-    values: built-in choices; low/high/log: built-in range.
-    applies_to: None (every run), `cifar_resnet`, `width` or `finetune`.
+    kind: `choice` (among `values`), `float` or `int` (in [low, high], on a log
+    scale if `log`).
     """
 
-    name: str
     kind: str
-    help: str
     values: tuple = ()
     low: float = 0.0
     high: float = 0.0
     log: bool = False
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HyperparameterSpec(Domain):
+    """One searchable hyperparameter: its built-in domain, help text and where it applies.
+
+    A `choice` is searched over flag `--<name>_choices`, a range over `--<name>_range`.
+    applies_to: None (every run), `cifar_resnet`, `width` or `finetune`.
+    """
+
+    name: str
+    help: str
     applies_to: Optional[str] = None
 
     @property
@@ -49,23 +58,23 @@ def _specs(*specs):
 
 
 HYPERPARAMETERS = _specs(
-    HyperparameterSpec("optimizer", "choice", "optimizer", values=("sgd", "adam", "nadam", "adamw")),
-    HyperparameterSpec("learning_rate", "float", "peak learning rate", low=1e-4, high=1.0, log=True),
-    HyperparameterSpec("weight_decay", "float", "decoupled weight decay (a flag value of 0 stays the "
+    HyperparameterSpec(name="optimizer", kind="choice", help="optimizer", values=("sgd", "adam", "nadam", "adamw")),
+    HyperparameterSpec(name="learning_rate", kind="float", help="peak learning rate", low=1e-4, high=1.0, log=True),
+    HyperparameterSpec(name="weight_decay", kind="float", help="decoupled weight decay (a flag value of 0 stays the "
                        "default: off)", low=1e-6, high=1e-2, log=True),
-    HyperparameterSpec("schedule", "choice", "learning-rate schedule (`step` uses --lr_boundaries, "
+    HyperparameterSpec(name="schedule", kind="choice", help="learning-rate schedule (`step` uses --lr_boundaries, "
                        "scaled to the trial's epochs)", values=("step", "exponential", "cosine")),
-    HyperparameterSpec("warmup_epochs", "float", "linear warm-up epochs", low=0.0, high=5.0),
-    HyperparameterSpec("label_smoothing", "float", "label smoothing", low=0.0, high=0.2),
-    HyperparameterSpec("mixup_alpha", "float", "MixUp alpha", low=0.0, high=0.4),
-    HyperparameterSpec("batch_size", "choice", "global batch size", values=(32, 64, 128, 256)),
-    HyperparameterSpec("depth", "choice", "CIFAR ResNet depth: --model becomes resnet<d> or plain<d>",
+    HyperparameterSpec(name="warmup_epochs", kind="float", help="linear warm-up epochs", low=0.0, high=5.0),
+    HyperparameterSpec(name="label_smoothing", kind="float", help="label smoothing", low=0.0, high=0.2),
+    HyperparameterSpec(name="mixup_alpha", kind="float", help="MixUp alpha", low=0.0, high=0.4),
+    HyperparameterSpec(name="batch_size", kind="choice", help="global batch size", values=(32, 64, 128, 256)),
+    HyperparameterSpec(name="depth", kind="choice", help="CIFAR ResNet depth: --model becomes resnet<d> or plain<d>",
                        values=(20, 32, 44, 56), applies_to=CIFAR_FAMILY),
-    HyperparameterSpec("width_multiplier", "choice", "filter width multiplier",
+    HyperparameterSpec(name="width_multiplier", kind="choice", help="filter width multiplier",
                        values=(0.5, 1.0, 1.5, 2.0), applies_to="width"),
-    HyperparameterSpec("freeze_epochs", "int", "fine-tuning: epochs on a frozen backbone",
+    HyperparameterSpec(name="freeze_epochs", kind="int", help="fine-tuning: epochs on a frozen backbone",
                        low=0, high=5, applies_to="finetune"),
-    HyperparameterSpec("backbone_lr_multiplier", "float", "fine-tuning: backbone learning-rate "
+    HyperparameterSpec(name="backbone_lr_multiplier", kind="float", help="fine-tuning: backbone learning-rate "
                        "multiplier", low=0.01, high=1.0, log=True, applies_to="finetune"),
 )
 
@@ -73,17 +82,12 @@ HYPERPARAMETERS = _specs(
 FINETUNE_FLAGS = ("freeze_epochs", "backbone_lr_multiplier")
 
 
-@dataclasses.dataclass(frozen=True)
-class Param:
-    """A hyperparameter of one search: kind, range or choices, and its default (the flag value)."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Param(Domain):
+    """A hyperparameter of one search: its domain (narrowed by flags) and its default (the flag value)."""
 
     name: str
-    kind: str
     default: Any
-    values: tuple = ()
-    low: float = 0.0
-    high: float = 0.0
-    log: bool = False
 
     def declare(self, hp: kt.HyperParameters):
         """Register on `hp` and return the trial's value (the default outside a trial)."""
@@ -297,7 +301,7 @@ def _choice_param(spec: HyperparameterSpec, default, given: Optional[Sequence], 
         values = (default, *values)
     if name == "depth":
         values = tuple(v for v in values if v in twins)
-    return Param(name, "choice", default, values=tuple(values))
+    return Param(name=name, kind="choice", default=default, values=tuple(values))
 
 
 def _range_param(spec: HyperparameterSpec, default, given: Optional[Sequence]) -> Param:
@@ -312,7 +316,7 @@ def _range_param(spec: HyperparameterSpec, default, given: Optional[Sequence]) -
         lo, hi = spec.low, spec.high
         if default > 0 or not spec.log:
             lo, hi = min(lo, default), max(hi, default)
-    return Param(name, spec.kind, default, low=lo, high=hi, log=spec.log)
+    return Param(name=name, kind=spec.kind, default=default, low=lo, high=hi, log=spec.log)
 
 
 def make_search_space(base: cfg.RunConfig, *, tune: Optional[Sequence[str]] = None,
