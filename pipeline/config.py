@@ -25,7 +25,7 @@ class DataConfig:
       else 224 (always 224 for folders).
     resize_size: `bit` augmentation and evaluation: resize to this, then crop
       image_size (None with `bit`: image_size * 8/7).
-    augment: a name from `pipeline.augment.AUGMENTATIONS` (`cifar`, `inception_crop`,
+    augment: a name from `pipeline.data.augment.AUGMENTATIONS` (`cifar`, `inception_crop`,
       `bit`, `none`).
     batch_size: global batch size.
     """
@@ -82,7 +82,7 @@ class OptimizerConfig:
 class TrainConfig:
     """How to train.
 
-    schedule: a name from `pipeline.schedules.SCHEDULES`.
+    schedule: a name from `pipeline.training.schedules.SCHEDULES`.
     lr_boundaries: epochs at which `step` multiplies the learning rate by lr_decay.
     switch_optimizer_epoch: if > 0, `second_optimizer` takes over from this epoch
       (0-based count of finished epochs), continuing the global schedule.

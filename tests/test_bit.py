@@ -11,6 +11,7 @@ pad-then-VALID convs, projection on the pre-activated input):
     `resnet/head/conv2d/kernel` [1, 1, C, K], ...).
 so a wrong name, transposition, epsilon or padding shows up as a feature mismatch.
 """
+import collections
 import hashlib
 import os
 import shutil
@@ -22,8 +23,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_hub as hub
+import tf_keras
 
-from pipeline.models import bit, bit_reference, create_model, get_spec, hub_io, list_models
+from pipeline.models import (bit, bit_mapping, bit_reference, create_model, get_spec, hub_io,
+                             list_models)
 from pipeline.models.hub_io import WeightsError
 
 SMALL = (2, 2, 1, 1)  # every block projects once; blocks 1-2 also have identity units
@@ -234,10 +237,18 @@ def test_cached_url_handle_resolves_offline_through_tensorflow_hub(tmp_path, mon
 
 
 def test_variable_names_are_canonicalized_like_the_authors_files():
-    canon = bit.canonical_weight_name
+    canon = bit_mapping.canonical_weight_name
     gamma = "resnet/block1/unit01/a/group_norm/gamma"
     assert canon(f"{gamma}:0") == gamma
     assert canon("keras_layer/resnet/group_norm/beta:0") == "resnet/group_norm/beta"
+    # Exported without the `resnet/` scope, or inside a wrapper's scope:
+    assert canon("block1/unit01/a/group_norm/gamma:0") == gamma
+    assert canon("keras_layer/block1/unit01/a/group_norm/gamma:0") == gamma
+    assert canon("group_norm/beta:0") == "resnet/group_norm/beta"
+    assert canon("root_block/standardized_conv2d/kernel") == (
+        "resnet/root_block/standardized_conv2d/kernel")
+    # bit_tf2's bare names stay bare (they are not unique; the structure decides).
+    assert canon("unit01/a/standardized_conv2d/kernel:0") == "unit01/a/standardized_conv2d/kernel"
     assert (canon("resnet/block3/unit02/b/standardized_conv2d_4/kernel")
             == "resnet/block3/unit02/b/standardized_conv2d/kernel")
     table = dict(bit.bit_weight_table((3, 4, 6, 3)))
@@ -287,3 +298,226 @@ def test_model_round_trips_through_a_keras_file(tmp_path):
     restored = keras.models.load_model(path)
     assert isinstance(restored.get_layer("root_block_conv"), bit.StandardizedConv2D)
     np.testing.assert_allclose(np.asarray(restored(images)), np.asarray(model(images)), rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- any module layout
+# A replica of the BiT authors' TF2 model (google-research/big_transfer, bit_tf2/models.py and
+# normalization.py) under tf_keras, written for these tests: the same layer nesting, layer names
+# and build order, so its SavedModel names variables the way the authors' code does today
+# (nested Sequentials build outside the parent's name scope: `group_norm/gamma:0` for every
+# GroupNorm, `unit01/a/standardized_conv2d/kernel:0`, `unit01/a/proj/...`).
+
+class _GroupNorm(tf_keras.layers.Layer):
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        self.gamma = self.add_weight(name="gamma", shape=(channels,), initializer="ones")
+        self.beta = self.add_weight(name="beta", shape=(channels,), initializer="zeros")
+
+    def call(self, x):
+        shape, channels = tf.shape(x), x.shape[-1]
+        groups = [32, channels // 32]
+        g = tf.reshape(x, tf.concat([shape[:-1], groups], 0))
+        mean, var = tf.nn.moments(g, [1, 2, 4], keepdims=True)
+        g = tf.nn.batch_normalization(g, mean, var, tf.reshape(self.beta, groups),
+                                      tf.reshape(self.gamma, groups), 1e-5)
+        return tf.reshape(g, shape)
+
+
+class _StandardizedConv2D(tf_keras.layers.Conv2D):
+    def call(self, x):
+        mean, var = tf.nn.moments(self.kernel, [0, 1, 2], keepdims=True)
+        return tf.nn.conv2d(x, (self.kernel - mean) / tf.sqrt(var + 1e-10), self.strides, "VALID")
+
+
+class _Pad(tf_keras.layers.Layer):
+    def __init__(self, pad, **kwargs):
+        super().__init__(**kwargs)
+        self.pad = pad
+
+    def call(self, x):
+        return tf.pad(x, [[0, 0], [self.pad, self.pad], [self.pad, self.pad], [0, 0]])
+
+
+def _conv(filters, size, stride=1, name="standardized_conv2d"):
+    return _StandardizedConv2D(filters, size, strides=stride, use_bias=False, name=name)
+
+
+class _BottleneckV2Unit(tf_keras.layers.Layer):
+    def __init__(self, filters, stride, **kwargs):
+        super().__init__(**kwargs)
+        self.filters, self.stride, self.proj = filters, stride, None
+        relu = tf_keras.layers.ReLU
+        self.unit_a = tf_keras.Sequential([_GroupNorm(name="group_norm"), relu()], name="a")
+        self.unit_a_conv = _conv(filters, 1, name="a/standardized_conv2d")
+        self.unit_b = tf_keras.Sequential([_GroupNorm(name="group_norm"), relu(), _Pad(1),
+                                           _conv(filters, 3, stride)], name="b")
+        self.unit_c = tf_keras.Sequential([_GroupNorm(name="group_norm"), relu(),
+                                           _conv(4 * filters, 1)], name="c")
+
+    def build(self, input_shape):
+        if self.stride > 1 or 4 * self.filters != input_shape[-1]:
+            self.proj = _conv(4 * self.filters, 1, self.stride, name="a/proj/standardized_conv2d")
+        self.built = True
+
+    def call(self, x):
+        shortcut = x
+        x = self.unit_a(x)
+        if self.proj is not None:
+            shortcut = self.proj(x)
+        return self.unit_c(self.unit_b(self.unit_a_conv(x))) + shortcut
+
+
+class _ResnetV2(tf_keras.Model):
+    def __init__(self, num_units, filters_factor, **kwargs):
+        super().__init__(**kwargs)
+        filters = [16 * filters_factor * 2 ** b for b in range(4)]
+        self.root = tf_keras.Sequential([_Pad(3), _conv(filters[0], 7, 2), _Pad(1),
+                                         tf_keras.layers.MaxPool2D(3, 2)], name="root_block")
+        self.blocks = [tf_keras.Sequential(
+            [_BottleneckV2Unit(f, s if i == 1 else 1, name=f"unit{i:02d}") for i in range(1, u + 1)],
+            name=f"block{b}") for b, (f, u, s) in enumerate(zip(filters, num_units, (1, 2, 2, 2)), 1)]
+        self.pre_head = [_GroupNorm(name="group_norm"), tf_keras.layers.ReLU(),
+                         tf_keras.layers.GlobalAveragePooling2D()]
+
+    def call(self, x):
+        x = self.root(x)
+        for layer in self.blocks + self.pre_head:
+            x = layer(x)
+        return x
+
+
+TF2_DEPTHS, TF2_WIDTH, TF2_SIZE = (1, 1, 1, 1), 0.5, 32
+
+
+def _bit_tf2_net(seed=0):
+    """The replica at width 0.5, built like the authors' train.py, with random weights."""
+    net = _ResnetV2(TF2_DEPTHS, filters_factor=int(4 * TF2_WIDTH), name="resnet")
+    net.build((None, None, None, 3))
+    rng = np.random.RandomState(seed)
+    for var in net.variables:
+        kind = var.name.split("/")[-1].split(":")[0]
+        value = {"gamma": lambda s: rng.uniform(0.5, 1.5, s), "beta": lambda s: rng.normal(0, 0.2, s),
+                 "kernel": lambda s: rng.normal(0.05, 0.3, s)}[kind](var.shape)
+        var.assign(value.astype("f4"))
+    return net
+
+
+def _save_feature_module(path, net, listed=None):
+    """A TF-Hub-style feature-vector module of `net`: `__call__` on [0, 1] images.
+
+    `listed`: the module's `variables` list (the reusable-SavedModel convention);
+    None saves none, so a loader has only the object graph.
+    """
+    obj = tf.Module()
+    obj.model = net
+    if listed is not None:
+        obj = tf.train.Checkpoint(model=net)
+        obj.variables = obj.trainable_variables = list(listed)
+    obj.__call__ = tf.function(lambda images: net(images * 2.0 - 1.0),
+                               input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+    tf.saved_model.save(obj, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def bit_tf2(tmp_path_factory):
+    net = _bit_tf2_net()
+    root = tmp_path_factory.mktemp("bit_tf2")
+    unit = net.blocks[1].layers[0]  # block2/unit01: its b and c GroupNorms both have 64 channels
+    b, c = unit.unit_b.layers[0], unit.unit_c.layers[0]
+    swapped = {id(b.gamma): c.gamma, id(b.beta): c.beta, id(c.gamma): b.gamma, id(c.beta): b.beta}
+    # Two saves only (a tf_keras save traces every layer: ~10 s each): the good module with
+    # the object graph alone, the swapped one with a `variables` list.
+    return dict(net=net, module=_save_feature_module(root / "module", net),
+                swapped=_save_feature_module(root / "swapped", net,
+                                             [swapped.get(id(v), v) for v in net.variables]))
+
+
+def test_the_authors_tf2_module_with_repeated_names_loads_by_structure(bit_tf2):
+    path = bit_tf2["module"]
+    module = tf.saved_model.load(path)
+    tensors = hub_io.saved_model_variables(module)
+    names = collections.Counter(t.name for t in tensors)
+    # The naming of the issue: 4 units x 3 + the final norm, all one name; bare convs.
+    assert names["group_norm/gamma:0"] == 13 and names["standardized_conv2d/kernel:0"] == 9
+    assert len(tensors) == len(bit_tf2["net"].variables) == 43 and len(names) == 5
+    assert not hasattr(module, "variables")  # the order comes from the object graph
+    assert tensors[0].path == "model/variables/0"
+    model = bit.build_bit(depths=TF2_DEPTHS, width=TF2_WIDTH, num_classes=3,
+                          input_shape=(TF2_SIZE, TF2_SIZE, 3), weights=path)
+    images = _images(3, size=TF2_SIZE)
+    expected = module(tf.constant(images)).numpy()
+    assert bit.relative_error(np.asarray(bit.bit_features(model)(images)), expected) < 1e-5
+    # The projection of block1 has conv c's shape (1, 1, 32, 128): placed by creation order.
+    unit = bit_tf2["net"].blocks[0].layers[0]
+    np.testing.assert_array_equal(np.asarray(model.get_layer("block1_unit01_a_proj").kernel),
+                                  unit.proj.kernel.numpy())
+    np.testing.assert_array_equal(np.asarray(model.get_layer("block1_unit01_c_conv").kernel),
+                                  unit.unit_c.layers[-1].kernel.numpy())
+
+
+def test_swapped_same_shaped_groupnorms_are_refused_by_the_self_check(bit_tf2):
+    with pytest.raises(WeightsError, match="Self-check failed") as info:
+        bit.build_bit(depths=TF2_DEPTHS, width=TF2_WIDTH, num_classes=3,
+                      input_shape=(TF2_SIZE, TF2_SIZE, 3), weights=bit_tf2["swapped"])
+    text = str(info.value)
+    assert "\n" not in text and bit_tf2["swapped"] in text and "relative error" in text
+
+
+def test_a_module_of_another_size_says_where_its_structure_breaks(bit_tf2):
+    with pytest.raises(WeightsError) as info:
+        bit.build_bit(depths=(2, 1, 1, 1), width=TF2_WIDTH, num_classes=3,
+                      input_shape=(TF2_SIZE, TF2_SIZE, 3), weights=bit_tf2["module"])
+    text = str(info.value)
+    assert "\n" not in text and "'group_norm/gamma' 13 times" in text
+    assert "block1/unit02" in text and "in creation order" in text
+    assert info.value.__cause__ is None and (info.value.__context__ is None
+                                             or info.value.__suppress_context__)
+
+
+@pytest.mark.parametrize("naming,how", [
+    ("full", bit_mapping.BY_NAME),       # resnet/block1/unit01/a/group_norm/gamma:0
+    ("no_prefix", bit_mapping.BY_NAME),  # block1/unit01/a/group_norm/gamma:0
+    ("anonymous", bit_mapping.BY_STRUCTURE)])  # every variable named "w"
+def test_reference_hub_module_loads_under_any_naming(tmp_path, params, naming, how):
+    rename = {"full": None, "no_prefix": lambda k: k[len("resnet/"):], "anonymous": lambda k: "w"}
+    backbone = {k: v for k, v in params.items() if "/head/" not in k}
+    path = bit_reference.save_hub_module(tmp_path / naming, backbone, SMALL,
+                                         rename=rename[naming])
+    names = [t.name for t in hub_io.saved_model_variables(tf.saved_model.load(path))]
+    assert names[-1] == {"full": "resnet/group_norm/beta:0", "no_prefix": "group_norm/beta:0",
+                         "anonymous": "w:0"}[naming]
+    model = bit.build_bit(depths=SMALL, width=WIDTH, num_classes=4, input_shape=(SIZE, SIZE, 3))
+    assert bit.load_bit_weights(model, path, depths=SMALL) == how
+    images = _images()
+    assert bit.relative_error(np.asarray(bit.bit_features(model)(images)),
+                              _reference_features(params, images)) < 1e-4
+
+
+def _in_layout(params, layout):
+    """The authors' tensors listed in another exporter's order, all named alike."""
+    units, order = {}, []
+    for key in params:
+        unit = "/".join(key.split("/")[:3]) if "/unit" in key else key
+        units.setdefault(unit, []).append(key)
+    for keys in units.values():
+        proj = [k for k in keys if "/proj/" in k]
+        rest = [k for k in keys if k not in proj]
+        if layout == "proj_last":  # bit_tf2's creation order
+            keys = rest + proj
+        elif layout == "proj_first":  # the order the unit calls its layers in
+            keys = rest[:2] + proj + rest[2:]
+        order.extend(keys)
+    return [hub_io.ModuleVariable("kernel" if params[k].ndim == 4 else "norm", params[k])
+            for k in order]
+
+
+@pytest.mark.parametrize("layout", ["authors_files", "proj_last", "proj_first"])
+def test_structure_maps_every_known_unit_order_without_names(params, layout):
+    model = bit.build_bit(depths=SMALL, width=WIDTH, num_classes=7, input_shape=(32, 32, 3))
+    arrays, how = bit_mapping.map_tensors(bit.expected_tensors(model, SMALL),
+                                          _in_layout(params, layout), source="test")
+    assert how == bit_mapping.BY_STRUCTURE
+    assert sorted(arrays) == sorted(params)  # the head too: kernel and bias after the last norm
+    for key, value in params.items():
+        np.testing.assert_array_equal(arrays[key], value, err_msg=key)

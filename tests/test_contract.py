@@ -21,7 +21,9 @@ from pipeline.serving import export
 
 CONTRACT = {"num_classes", "input_shape", "weights", "normalization"}
 # The input each family is tried at: small, but what its stem and stages accept.
-SIZES = {"cifar_resnet": 16, "resnet": 32, "preact_resnet": 32, "bit": 64, "keras_apps": 32, "hub": 32}
+SIZES = {"cifar_resnet": 16, "resnet": 32, "preact_resnet": 32, "bit": 64, "keras_apps": 32, "hub": 32,
+         "keras_hub": 32}
+PREFIXED = ("hub", "keras_hub")  # families selected by `<prefix>:<argument>`: tried on artifacts made here
 CLASSES = 3
 
 
@@ -30,7 +32,8 @@ def _families():
 
 
 def _smallest(family):
-    return min(registry.list_specs(family), key=lambda s: (s.depth or 0, s.width, s.name)).name
+    # Named depths first (the shallowest is the smallest); within Keras Applications that is VGG-16.
+    return min(registry.list_specs(family), key=lambda s: (s.depth is None, s.depth or 0, s.width, s.name)).name
 
 
 @pytest.fixture(scope="module")
@@ -49,19 +52,26 @@ def hub_module(tmp_path_factory):
     return path
 
 
-def _members(hub_module):
-    names = [_smallest(f) for f in _families()]
-    return names + [f"hub:{hub_module}"]
+@pytest.fixture(scope="module")
+def keras_hub_preset(tmp_path_factory):
+    from tests.test_keras_hub import save_tiny_preset
+    return save_tiny_preset(str(tmp_path_factory.mktemp("keras_hub") / "preset"))
 
 
 def test_every_family_has_a_smallest_member_and_sizes_cover_them():
-    assert set(_families()) | {"hub"} == set(SIZES), "a new family needs its contract input size"
+    prefixed = {get_spec(f"{p}x").family for p in registry.list_prefixes()}
+    assert prefixed == set(PREFIXED)
+    assert set(_families()) | prefixed == set(SIZES), "a new family needs its contract input size"
     assert {"cifar_resnet", "resnet", "preact_resnet", "bit", "keras_apps"} <= set(_families())
 
 
 @pytest.mark.parametrize("family", sorted(set(SIZES)))
-def test_smallest_member_builds_trains_saves_and_exports(family, hub_module, tmp_path):
-    name = f"hub:{hub_module}" if family == "hub" else _smallest(family)
+def test_smallest_member_builds_trains_saves_and_exports(family, request, tmp_path):
+    if family in PREFIXED:
+        artifact = request.getfixturevalue({"hub": "hub_module", "keras_hub": "keras_hub_preset"}[family])
+        name = f"{family}:{artifact}"
+    else:
+        name = _smallest(family)
     size = SIZES[family]
     keras.utils.set_random_seed(0)
     model = create_model(name, num_classes=CLASSES, image_size=size)
@@ -100,7 +110,7 @@ def test_every_registered_name_resolves_with_a_consistent_spec(name):
     assert all(params[p].kind == inspect.Parameter.KEYWORD_ONLY for p in CONTRACT)
     assert spec.options() <= {p for p, v in params.items() if v.default is not inspect.Parameter.empty}
     assert spec.default_image_size >= 32 and spec.builder.__doc__
-    assert spec.depth and spec.width >= 1
+    assert (spec.depth is None or spec.depth > 0) and spec.width >= 1
     assert (spec.default_weights is not None) == spec.pretrained
     if spec.family == "cifar_resnet":  # 6n+2 layers
         assert len(spec.depths) == 3 and spec.depth == 6 * spec.depths[0] + 2

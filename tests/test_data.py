@@ -5,6 +5,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import time
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from PIL import Image
 from pipeline import data
 from pipeline.config import DataConfig
 from pipeline.data import augment, folder
+from tests.helpers import free_ports
 
 
 def _collect(ds):
@@ -232,6 +234,75 @@ def test_tfds_absent_and_not_downloadable(tmp_path, monkeypatch):
     assert "\n" not in message
     assert isinstance(info.value.__cause__, ConnectionError)
     assert isinstance(info.value, ValueError)
+
+
+def _tfds_missing_module():
+    return ModuleNotFoundError("No module named 'importlib_resources'", name="importlib_resources")
+
+
+def _tfds_http_404():
+    from tensorflow_datasets.core.download import util
+
+    return util.DownloadError("Failed to get url https://example.org/cifar-10-binary.tar.gz. HTTP code: 404.")
+
+
+@pytest.mark.parametrize("make_error, reason", [
+    (_tfds_missing_module, "the Python module 'importlib_resources' it needs is not installed"),
+    (_tfds_http_404, "its download URL was not found (HTTP 404"),
+    (lambda: OSError("[Errno 28] No space left on device"), "the download or preparation failed"),
+])
+def test_tfds_download_failure_names_the_reason(tmp_path, monkeypatch, make_error, reason):
+    """Each kind of failure says which fix applies, still in one line with the offline way."""
+    import tensorflow_datasets as tfds
+
+    error = make_error()
+
+    def fail(self, *args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", fail)
+    with pytest.raises(data.DataError) as info:
+        data.load_dataset(DataConfig(dataset="cifar10", data_dir=str(tmp_path)))
+    message = str(info.value)
+    assert reason in message and type(error).__name__ in message and "\n" not in message
+    assert "'cifar10'" in message and f"--data_dir={tmp_path}" in message and "tfds build cifar10" in message
+    assert info.value.__cause__ is error
+
+
+def test_tfds_download_gets_as_far_as_the_network(tmp_path, monkeypatch):
+    """A real `download_and_prepare` (mnist) imports all it needs and fails only on connecting.
+
+    Every proxy variable points at a closed localhost port, so the first
+    connection is refused at once with or without network and nothing is
+    fetched; the bounded retries make that a few seconds, not tfds's ~204 s.
+    """
+    import requests
+    from tensorflow_datasets.core.download import downloader
+
+    assert isinstance(downloader.MAX_RETRIES, int), "tfds changed: update sources.tfds_download_retries"
+    retries_before = downloader.MAX_RETRIES
+    (port,) = free_ports(1)
+    for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.setenv(var, f"http://127.0.0.1:{port}")
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    start = time.monotonic()
+    with pytest.raises(data.DataError) as info:
+        data.load_dataset(DataConfig(dataset="mnist", data_dir=str(tmp_path)))
+    seconds = time.monotonic() - start
+    message = str(info.value)
+    assert "no network connection" in message and "through the proxy" in message, message
+    assert "'mnist'" in message and f"--data_dir={tmp_path}" in message and "tfds build mnist" in message
+    assert "\n" not in message
+    cause = info.value.__cause__
+    assert isinstance(cause, requests.exceptions.ConnectionError) and f"port={port}" in str(cause)
+    link = cause
+    while link is not None:  # requests and urllib3 wrap the refused connection: no import error inside
+        assert not isinstance(link, ImportError)
+        link = link.__cause__ or link.__context__
+    assert seconds < 20, f"an unreachable download took {seconds:.0f}s to fail"
+    assert downloader.MAX_RETRIES == retries_before
+    assert not os.path.exists(tmp_path / "mnist" / "3.0.1")
 
 
 def test_unknown_tfds_name_is_data_error():

@@ -1,4 +1,5 @@
 """`python -m pipeline.finetune`: HyperRule defaults, hub modules, freezing, --init_from."""
+import dataclasses
 import json
 import os
 
@@ -148,3 +149,19 @@ def test_backbone_lr_optimizer_is_a_real_subclass_built_up_front():
     assert isinstance(optimizer, keras.optimizers.Adam) and type(optimizer).__name__ == "BackboneLRAdam"
     assert type(optimizer) is type(optimizers.make_optimizer(opt, 0.1, backbone_lr_multiplier=0.2))
     assert optimizer.backbone_lr_multiplier == 0.5 and optimizer.head_variable_paths == {"x"}
+
+
+def test_finetune_defaults_come_from_the_model_spec():
+    from pipeline.training import finetuning
+    base = cfg.RunConfig(model_dir="", data=cfg.DataConfig(), model=cfg.ModelConfig("keras_resnet50"),
+                         train=cfg.TrainConfig(schedule="cosine"))
+    run = finetuning.finetune_run(base)
+    assert run.model.weights == "imagenet" and run.data.image_size == 224
+    assert finetuning.finetune_run(dataclasses.replace(
+        base, model=cfg.ModelConfig("keras_resnet50", weights="none"))).model.weights is None
+    bit = finetuning.finetune_run(dataclasses.replace(
+        base, model=cfg.ModelConfig("bit_m_r50x1"), train=cfg.TrainConfig(schedule="hyperrule")))
+    assert bit.model.weights == "https://tfhub.dev/google/bit/m-r50x1/1"
+    assert bit.data.resolution_rule == "hyperrule" and bit.data.image_size is None
+    scratch = finetuning.finetune_run(dataclasses.replace(base, model=cfg.ModelConfig("resnet20")))
+    assert scratch.model.weights is None and scratch.data.image_size is None

@@ -1,4 +1,4 @@
-"""`hub:` TF-Hub modules, Keras Applications backbones, and the backbone convention."""
+"""`hub:` TF-Hub modules, Keras Applications backbones (`keras_apps`), and the backbone convention."""
 import logging
 
 import keras
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline.models import bit, create_model, get_spec, list_models, pretrained
+from pipeline.models import bit, create_model, get_spec, keras_apps, list_models, pretrained
 from pipeline.models.hub_io import WeightsError
 
 OFFLINE = "--weights=<path to a SavedModel dir or .npz>"
@@ -105,13 +105,122 @@ def test_hub_errors(tmp_path, module_dir):
 
 # --------------------------------------------------------------------------- Keras Applications
 
-def test_keras_apps_are_registered():
-    names = {"keras_resnet50", "keras_resnet101", "keras_resnet152",
-             "keras_resnet50v2", "keras_resnet101v2", "keras_resnet152v2"}
-    assert set(list_models("keras_apps")) == names
-    for name in names:
+# Built in test_keras_app_builds_matches_keras_and_fails_offline_in_one_line (at their smallest
+# input): the cheap ones, at least one per keras.applications module but NASNet
+# and InceptionResNetV2 (5-9 s each). Every other name is checked without building below and
+# in tests/test_contract.py.
+BUILT = {"keras_vgg16": 32, "keras_vgg19": 32, "keras_xception": 71, "keras_inceptionv3": 75,
+         "keras_mobilenet": 32, "keras_mobilenetv2": 32, "keras_mobilenetv3small": 32,
+         "keras_densenet121": 32, "keras_efficientnetb0": 32, "keras_efficientnetv2b0": 32,
+         "keras_convnext_tiny": 32}
+# One per preprocessing style: these also go through a .keras save and load.
+SAVED = {"keras_vgg16", "keras_mobilenet", "keras_densenet121", "keras_mobilenetv3small"}
+# The offline `imagenet` message is checked on these (one build more each): one per style, and the
+# applications whose constructors derive weight files (or blocks) from their own name.
+OFFLINE_CHECKED = {"keras_vgg16", "keras_mobilenetv2", "keras_densenet121", "keras_mobilenetv3small",
+                   "keras_efficientnetb0", "keras_efficientnetv2b0", "keras_convnext_tiny"}
+
+
+def _offline(monkeypatch):
+    from keras.src.utils import file_utils
+
+    def offline(fname, origin=None, *args, **kwargs):
+        raise Exception(f"URL fetch failure on {origin}: None -- [Errno -2] Name or service "
+                        f"not known")
+
+    monkeypatch.setattr(file_utils, "get_file", offline)
+
+
+def _assert_one_line_weights_error(err, name):
+    text = str(err.value)
+    assert name in text and "--weights=<path to a weights file>" in text
+    assert text.count(". ") == 0 and "\n" not in text and err.value.__cause__ is None
+    assert err.value.__suppress_context__
+
+
+def test_every_keras_image_classification_application_is_registered():
+    constructors = {n for n in dir(keras.applications) if n[:1].isupper()}
+    table = keras_apps.KERAS_APPS
+    assert {app.constructor for app in table.values()} == constructors
+    assert set(list_models("keras_apps")) == set(table)
+    assert {"keras_resnet50", "keras_resnet101", "keras_resnet152", "keras_resnet50v2",
+            "keras_resnet101v2", "keras_resnet152v2", "keras_efficientnetv2s", "keras_convnext_xlarge",
+            "keras_mobilenetv3large", "keras_densenet201", "keras_efficientnetb7"} <= set(table)
+    for name, app in table.items():
         spec = get_spec(name)
-        assert (spec.default_image_size, spec.pretrained) == (224, True)
+        assert (spec.default_image_size, spec.depth, spec.pretrained, spec.default_weights) == \
+            (app.image_size, app.depth, True, "imagenet")
+    assert table["keras_resnet101v2"] == ("ResNet101V2", "resnet_v2", "tf", 224, 101)
+
+
+def test_default_image_sizes_are_the_applications_own(monkeypatch):
+    """Keras passes each application's default size to `imagenet_utils.obtain_input_shape`:
+    intercept that call (no model is built) and compare with the table."""
+    from keras.src.applications import imagenet_utils
+
+    class Seen(Exception):
+        pass
+
+    def record(input_shape, default_size, *args, **kwargs):
+        raise Seen(default_size)
+
+    monkeypatch.setattr(imagenet_utils, "obtain_input_shape", record)
+    unchecked = set()
+    for name, app in keras_apps.KERAS_APPS.items():
+        try:
+            getattr(keras.applications, app.constructor)(include_top=False, weights=None,
+                                                         input_shape=(64, 64, 3))
+            unchecked.add(name)
+        except Seen as seen:
+            assert seen.args[0] == app.image_size, name
+    # MobileNetV3 takes any size; its ImageNet weights are the "224" files of its docs.
+    assert unchecked == {"keras_mobilenetv3small", "keras_mobilenetv3large"}
+    assert all(keras_apps.KERAS_APPS[n].image_size == 224 for n in unchecked)
+
+
+def test_every_preprocessing_style_is_the_applications_own_preprocess_input():
+    """For every table row: our layer on x in [0, 1] == `keras.applications.<module>.preprocess_input(255 x)`
+    (for "builtin" rows that function is the identity and the layer only scales by 255)."""
+    images, _ = _batch(2)
+    for name, app in keras_apps.KERAS_APPS.items():
+        expected = getattr(keras.applications, app.module).preprocess_input(images * 255.0)
+        ours = np.asarray(keras_apps.preprocessing_layer(app.style)(images))
+        np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-4, err_msg=name)
+        if app.style == "builtin":
+            np.testing.assert_allclose(expected, images * 255.0, rtol=1e-6, err_msg=name)
+    with pytest.raises(ValueError, match="preprocessing style"):
+        keras_apps.preprocessing_layer("inception")
+
+
+@pytest.mark.parametrize("name", sorted(BUILT))
+def test_keras_app_builds_matches_keras_and_fails_offline_in_one_line(name, monkeypatch, tmp_path):
+    """Our model's pooled features on x in [0, 1] equal the application's own
+    `preprocess_input(255 x)` followed by the same backbone (Keras as the oracle)."""
+    size, app = BUILT[name], keras_apps.KERAS_APPS[name]
+    if name in OFFLINE_CHECKED:
+        with monkeypatch.context() as patch:
+            _offline(patch)
+            with pytest.raises(WeightsError) as err:
+                create_model(name, num_classes=3, image_size=size, weights="imagenet")
+        _assert_one_line_weights_error(err, name)
+
+    model = create_model(name, num_classes=3, image_size=size)
+    assert [layer.name for layer in model.layers] == ["image", "preprocess", "backbone", "pool",
+                                                      "logits"]
+    assert pretrained.backbone_layers(model) == [model.get_layer("backbone")]
+    images = _batch(2, size=size)[0]
+    features = np.asarray(keras.Model(model.input, model.get_layer("pool").output)(images))
+    keras_input = getattr(keras.applications, app.module).preprocess_input(images * 255.0)
+    expected = np.mean(np.asarray(model.get_layer("backbone")(keras_input)), axis=(1, 2))
+    assert np.abs(expected).max() > 0
+    np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-4)
+    logits = np.asarray(model(images))
+    assert logits.shape == (2, 3) and logits.dtype == np.float32
+    if name in SAVED:
+        path = str(tmp_path / "model.keras")
+        model.save(path)
+        loaded = keras.saving.load_model(path, compile=False)
+        np.testing.assert_allclose(np.asarray(loaded(images)), logits, rtol=1e-5, atol=1e-6)
 
 
 def test_keras_resnet50_builds_and_trains_with_its_own_preprocessing():
@@ -129,29 +238,11 @@ def test_keras_resnet50_builds_and_trains_with_its_own_preprocessing():
     assert not np.all(np.asarray(model.get_layer("logits").kernel) == 0.0)
 
 
-def test_resnet_v2_preprocessing_matches_keras():
-    layer = pretrained._preprocessing("tf")
-    images, _ = _batch(2)
-    np.testing.assert_allclose(np.asarray(layer(images)),
-                               keras.applications.resnet_v2.preprocess_input(images * 255.0),
-                               rtol=1e-5, atol=1e-5)
-    assert pretrained.KERAS_APPS["keras_resnet101v2"] == ("ResNet101V2", "tf", 101)
-
-
 def test_imagenet_download_failure_is_a_weights_error(monkeypatch):
-    from keras.src.utils import file_utils
-
-    def offline(fname, origin=None, *args, **kwargs):
-        raise Exception(f"URL fetch failure on {origin}: None -- [Errno -2] Name or service "
-                        f"not known")
-
-    monkeypatch.setattr(file_utils, "get_file", offline)
+    _offline(monkeypatch)
     with pytest.raises(WeightsError) as err:
         create_model("keras_resnet50", num_classes=2, image_size=32, weights="imagenet")
-    text = str(err.value)
-    assert "keras_resnet50" in text and "--weights=<path to a weights file>" in text
-    assert text.count(". ") == 0 and err.value.__cause__ is None
-    assert err.value.__suppress_context__
+    _assert_one_line_weights_error(err, "keras_resnet50")
 
 
 def test_local_weights_file_is_loaded_into_the_backbone(tmp_path):

@@ -8,12 +8,17 @@
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
+import re
+import socket
+import urllib.error
 from typing import Dict, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from pipeline.config import DataConfig
 from pipeline.data.registry import (
@@ -100,6 +105,76 @@ def _digits_source(spec: str, config: DataConfig) -> Source:
 # -- TFDS
 
 
+# tfds retries every failed HTTP connection 10 times with exponential backoff,
+# so an offline machine waited ~204 s to hear "no network". 3 retries (sleeps of
+# 0, 0.4 and 0.8 s) still ride out a dropped connection and answer in ~2 s.
+TFDS_DOWNLOAD_RETRIES = 3
+
+
+@contextlib.contextmanager
+def tfds_download_retries(retries: int):
+    """Bounds tfds's HTTP retries per URL while a dataset downloads (adapter).
+
+    tfds has no public setting for this: its downloader builds a urllib3
+    `Retry(total=MAX_RETRIES)` from the module constant at each request, so the
+    constant is set for the duration and restored. If a tfds release drops
+    the constant, downloads still work (only slower to fail) and
+    `tests/test_data.py` fails on the missing attribute.
+    """
+    from tensorflow_datasets.core.download import downloader
+
+    previous = getattr(downloader, "MAX_RETRIES", None)
+    if not isinstance(previous, int):
+        logging.warning("tensorflow_datasets has no downloader.MAX_RETRIES: download retries not bounded.")
+        yield
+        return
+    downloader.MAX_RETRIES = retries
+    try:
+        yield
+    finally:
+        downloader.MAX_RETRIES = previous
+
+
+def _exception_chain(err: BaseException):
+    """`err`, then its causes/contexts (tfds and requests wrap the first failure)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def tfds_download_failure_reason(err: BaseException) -> str:
+    """Why a TFDS download failed, as a clause: missing package, no network, not found, else generic.
+
+    Told apart from the exception chain, so the user learns which fix applies
+    (install a package, get network or copy prepared data, fix the source).
+    """
+    import requests
+
+    network = (ConnectionError, TimeoutError, socket.gaierror, urllib.error.URLError,
+               requests.exceptions.ConnectionError, requests.exceptions.Timeout)
+    chain = list(_exception_chain(err))
+    for e in chain:
+        if isinstance(e, ImportError):
+            module = f"the Python module {e.name!r}" if e.name else "a Python package"
+            return f"{module} it needs is not installed (install it, or prepare the data elsewhere)"
+    for e in chain:
+        if isinstance(e, requests.exceptions.ProxyError):
+            return "no network connection to its download server through the proxy (HTTPS_PROXY/HTTP_PROXY)"
+        if isinstance(e, network):
+            return "no network connection to its download server"
+    for e in chain:
+        status = re.search(r"HTTP code: (\d+)", str(e))
+        response = getattr(e, "response", None)
+        code = int(status.group(1)) if status else getattr(response, "status_code", None)
+        if code in (404, 410):
+            return f"its download URL was not found (HTTP {code}; a newer tensorflow-datasets may know the new one)"
+        if code:
+            return f"its download server answered HTTP {code}"
+    return "the download or preparation failed"
+
+
 def _tfds_prepared_builder(name: str, data_dir: Optional[str]):
     """`tfds.builder` with the data in place, or a one-sentence DataError."""
     import tensorflow_datasets as tfds
@@ -117,13 +192,16 @@ def _tfds_prepared_builder(name: str, data_dir: Optional[str]):
         return builder
     where = data_dir or tfds.core.constants.DATA_DIR
     try:
-        builder.download_and_prepare()
+        with tfds_download_retries(TFDS_DOWNLOAD_RETRIES):
+            builder.download_and_prepare()
     except Exception as e:  # noqa: BLE001 - any download/prepare failure means "absent"
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        from pipeline.models.hub_io import short_reason  # lazy: only on this error path
+
         raise DataError(
-            f"TFDS dataset {name!r} is not prepared under --data_dir={where} and could not "
-            f"be downloaded ({type(e).__name__}: {reason}); on a machine with network run "
-            f"`tfds build {name} --data_dir=<dir>`, copy <dir> here and pass --data_dir=<dir>."
+            f"TFDS dataset {name!r} is not prepared under --data_dir={where} and could not be "
+            f"downloaded: {tfds_download_failure_reason(e)} ({short_reason(e)}); to work offline, "
+            f"run `tfds build {name} --data_dir=<dir>` on a machine with network, copy <dir> "
+            f"here and pass --data_dir=<dir>."
         ) from e
     return builder
 

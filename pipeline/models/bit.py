@@ -21,10 +21,11 @@ Architecture (Kolesnikov et al. 2020; google-research/big_transfer, TF2 code
     float32 Dense head "logits".
 
 Layer names mirror the authors' variable paths, so loading is a table
-(`bit_weight_table`), e.g. `block1_unit01_a_conv` <-> `resnet/block1/unit01/a/
-standardized_conv2d/kernel`, `block1_unit01_a_proj` <-> `.../a/proj/
-standardized_conv2d/kernel`, `root_block_conv`, `pre_head_gn` <->
-`resnet/group_norm/{gamma,beta}`, `logits` <-> `resnet/head/conv2d/{kernel,bias}`.
+(`bit_weight_table`; `expected_tensors` adds the shapes in creation order),
+e.g. `block1_unit01_a_conv` <-> `resnet/block1/unit01/a/standardized_conv2d/
+kernel`, `block1_unit01_a_proj` <-> `.../a/proj/standardized_conv2d/kernel`,
+`root_block_conv`, `pre_head_gn` <-> `resnet/group_norm/{gamma,beta}`,
+`logits` <-> `resnet/head/conv2d/{kernel,bias}`.
 
 Backbone convention (used by the trainer to freeze / scale learning rates):
 every layer except "logits" is backbone; see `pipeline.models.pretrained.
@@ -35,9 +36,11 @@ Weights (`weights=`):
   * `"hub"` (or `"imagenet"`): the variant's TF-Hub handle (registered models
     only; BiT-S was trained on ImageNet-1k, BiT-M on ImageNet-21k);
   * a TF-Hub handle (`https://tfhub.dev/google/bit/m-r50x1/1`), its Kaggle URL,
-    or a local SavedModel directory: variables mapped by name, then a
-    self-check compares the module's and the native model's features on a fixed
-    probe batch and refuses relative errors above 1e-4;
+    or a local SavedModel directory: variables mapped by name where the names
+    identify them, else by structure (order and shapes, unit by unit; see
+    `pipeline.models.bit_mapping`), then a self-check compares the module's and
+    the native model's features on a fixed probe batch and refuses relative
+    errors above 1e-4;
   * the authors' `BiT-{S,M}-R50x1.npz`: same table; the head is loaded when its
     class count equals `num_classes` (21843 for BiT-M, 1000 for BiT-S),
     otherwise it stays zero;
@@ -52,7 +55,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from typing import Sequence
 
 import keras
@@ -60,6 +62,8 @@ import numpy as np
 from absl import logging
 from keras import ops
 
+from pipeline.models.bit_mapping import HEAD_KEYS, infer_arch, map_tensors
+from pipeline.models import hub_io
 from pipeline.models.layers import GroupNormalization
 from pipeline.models.registry import register_model
 
@@ -304,10 +308,6 @@ def bit_features(model: keras.Model) -> keras.Model:
 
 # --------------------------------------------------------------------------- weight mapping
 
-HEAD_KEYS = (("resnet/head/conv2d/kernel", "resnet/head/conv2d/bias"),  # .npz / TF1 export
-             ("resnet/head/dense/kernel", "resnet/head/dense/bias"))    # bit_tf2 Keras export
-
-
 def bit_weight_table(depths: Sequence[int]) -> list[tuple[str, tuple[str, ...]]]:
     """(native layer name, the authors' variable names in `layer.weights` order), backbone only.
 
@@ -330,47 +330,10 @@ def bit_weight_table(depths: Sequence[int]) -> list[tuple[str, tuple[str, ...]]]
     return table
 
 
-def canonical_weight_name(name: str) -> str:
-    """The authors' `.npz`-style key for a variable name from a file or SavedModel.
-
-    Drops the `:0` slot suffix, any wrapper prefix before `resnet/`
-    (`keras_layer/resnet/...`), and the `standardized_conv2d_<n>` numbering some
-    exports carry (the same normalization big_vision applies to BiT files).
-    """
-    name = re.sub(r":\d+$", "", name)
-    match = re.search(r"(^|/)(resnet/.*)$", name)
-    if match:
-        name = match.group(2)
-    return re.sub(r"/standardized_conv2d_\d+/", "/standardized_conv2d/", name)
-
-
-def _infer_arch(arrays: dict[str, np.ndarray]) -> str:
-    """Human hint of the architecture a set of the authors' tensors describes."""
-    units: dict[int, int] = {}
-    for key in arrays:
-        match = re.match(r"resnet/block(\d+)/unit(\d+)/", key)
-        if match:
-            block, unit = int(match.group(1)), int(match.group(2))
-            units[block] = max(units.get(block, 0), unit)
-    if not units:
-        return "no BiT ResNet-v2 at all (no resnet/block*/unit* tensors)"
-    depths = tuple(units.get(b, 0) for b in range(1, max(units) + 1))
-    hint = f"depths {depths}"
-    root = arrays.get("resnet/root_block/standardized_conv2d/kernel")
-    if root is not None and root.ndim == 4:
-        hint += f", {root.shape[-1]} root filters (width x{root.shape[-1] / 64:g})"
-    return hint
-
-
-def _named_arrays(pairs, source: str) -> dict[str, np.ndarray]:
-    from pipeline.models.hub_io import WeightsError
-    out: dict[str, np.ndarray] = {}
-    for raw, value in pairs:
-        key = canonical_weight_name(raw)
-        if key in out:
-            raise WeightsError(f"Weights {source!r} hold two tensors for {key!r}; cannot map them.")
-        out[key] = np.asarray(value)
-    return out
+def expected_tensors(model: keras.Model, depths) -> list[tuple[str, tuple]]:
+    """(authors' key, shape) of every backbone tensor `model` needs, in creation order."""
+    return [(key, tuple(var.shape)) for layer_name, keys in bit_weight_table(depths)
+            for key, var in zip(keys, model.get_layer(layer_name).weights)]
 
 
 def assign_bit_weights(model: keras.Model, arrays: dict[str, np.ndarray], *, depths,
@@ -387,7 +350,6 @@ def assign_bit_weights(model: keras.Model, arrays: dict[str, np.ndarray], *, dep
     Raises:
       WeightsError: missing, unmapped or mis-shaped tensors.
     """
-    from pipeline.models.hub_io import WeightsError
     table = bit_weight_table(depths)
     missing, bad_shape, plan = [], [], []
     used = set()
@@ -422,10 +384,10 @@ def assign_bit_weights(model: keras.Model, arrays: dict[str, np.ndarray], *, dep
         problems.append(f"{len(bad_shape)} with the wrong shape "
                         f"(first: {'; '.join(bad_shape[:2])})")
     if problems:
-        raise WeightsError(
+        raise hub_io.WeightsError(
             f"Weights {source!r} do not fit this BiT model (depths {tuple(depths)}, "
             f"{model.get_layer('root_block_conv').filters} root filters): "
-            f"{'; '.join(problems)}; they look like {_infer_arch(arrays)}.")
+            f"{'; '.join(problems)}; they look like {infer_arch(arrays)}.")
 
     for layer, values in plan:
         layer.set_weights(values)
@@ -469,7 +431,6 @@ def self_check_against_module(model: keras.Model, module, *, source: str,
     was loaded). Returns the relative error; raises `WeightsError` above
     `tolerance` so a silently wrong mapping can never be fine-tuned.
     """
-    from pipeline.models import hub_io
     probe = _probe_batch(model)
     expected = hub_io.call_module(module, probe, handle=source)
     features = np.asarray(bit_features(model)(probe, training=False), np.float32)
@@ -495,14 +456,19 @@ def self_check_against_module(model: keras.Model, module, *, source: str,
 class BitWeights:
     """Pretrained BiT tensors read from a file or module, before they meet a model.
 
+    Which tensor is which is decided only against a model (`load_bit_weights`),
+    because a module's names may not say it and its structure is read against
+    the model's shapes (`pipeline.models.bit_mapping`).
+
     Attributes:
       source: the handle or path, for messages.
-      arrays: the authors' keys (`resnet/...`, see `canonical_weight_name`) -> arrays.
+      tensors: `hub_io.ModuleVariable`s (name, value, object-graph path) in
+        the order the file or module lists them.
       module: the loaded SavedModel for hub weights (used by the self-check), else None.
     """
 
     source: str
-    arrays: dict
+    tensors: list
     module: object = None
 
 
@@ -513,7 +479,6 @@ def read_bit_weights(weights) -> BitWeights:
       WeightsError: unsupported format (`.h5`), missing file, unreachable or
         unknown handle, unreadable content.
     """
-    from pipeline.models import hub_io
     source = os.fspath(weights) if isinstance(weights, os.PathLike) else weights
     if not isinstance(source, str):
         raise hub_io.WeightsError(f"BiT weights must be a handle or a path, got {weights!r}.")
@@ -529,30 +494,39 @@ def read_bit_weights(weights) -> BitWeights:
             raise hub_io.weights_error(source, "no such .npz file")
         try:
             with np.load(source, allow_pickle=False) as data:
-                pairs = [(k, data[k]) for k in data.files]
+                tensors = [hub_io.ModuleVariable(k, data[k]) for k in data.files]
         except Exception as err:  # noqa: BLE001 - corrupt/truncated archive
             raise hub_io.weights_error(source, f"unreadable .npz: {hub_io.short_reason(err)}") from None
-        return BitWeights(source, _named_arrays(pairs, source))
+        return BitWeights(source, tensors)
     path = hub_io.resolve_handle(source)
     module = hub_io.load_saved_model(path, handle=source)
-    return BitWeights(source, _named_arrays(hub_io.saved_model_variables(module), source), module)
+    return BitWeights(source, hub_io.saved_model_variables(module), module)
 
 
-def load_bit_weights(model: keras.Model, weights, *, depths, self_check: bool = True) -> None:
+def load_bit_weights(model: keras.Model, weights, *, depths, self_check: bool = True) -> str:
     """Load `weights` (a `BitWeights`, hub handle, SavedModel dir or `.npz`) into `model`.
 
-    Hub weights are then self-checked against the module (see
-    `self_check_against_module`).
+    Tensors are mapped by name where the names identify them, else by
+    structure (`bit_mapping.map_tensors`); hub weights are then self-checked
+    against the module (see `self_check_against_module`), so neither way can
+    load a wrong mapping silently.
+
+    Returns:
+      How the tensors were mapped: `bit_mapping.BY_NAME` or `BY_STRUCTURE`.
 
     Raises:
       WeightsError: see `build_bit`.
     """
     loaded = weights if isinstance(weights, BitWeights) else read_bit_weights(weights)
-    head_loaded = assign_bit_weights(model, loaded.arrays, depths=depths, source=loaded.source)
+    arrays, how = map_tensors(expected_tensors(model, depths), loaded.tensors,
+                              source=loaded.source)
+    head_loaded = assign_bit_weights(model, arrays, depths=depths, source=loaded.source)
     if loaded.module is not None and self_check:
         self_check_against_module(model, loaded.module, source=loaded.source,
                                   head_loaded=head_loaded)
-    logging.info("Loaded BiT weights from %s.", loaded.source)
+    logging.info("Loaded BiT weights from %s (%d tensors mapped %s).", loaded.source,
+                 len(arrays), how)
+    return how
 
 
 # --------------------------------------------------------------------------- registry

@@ -16,7 +16,7 @@ modules are (`__call__`, `variables`, `trainable_variables`).
 """
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -117,9 +117,20 @@ def features(params: Mapping[str, "tf.Tensor"], images, depths: Sequence[int], *
 
 
 def save_hub_module(path: str, params: Mapping[str, np.ndarray], depths: Sequence[int], *,
-                    swap: Optional[Mapping[str, str]] = None) -> str:
-    """Save `params` (backbone only) as a TF-Hub image feature-vector SavedModel; returns `path`."""
-    variables = {k: tf.Variable(v, name=k) for k, v in params.items()}
+                    swap: Optional[Mapping[str, str]] = None,
+                    rename: Optional[Callable[[str], str]] = None) -> str:
+    """Save `params` (backbone only) as a TF-Hub image feature-vector SavedModel; returns `path`.
+
+    Args:
+      path: the SavedModel directory to write.
+      params: the authors' name -> array (`random_weights` without the head).
+      depths: bottleneck units per block.
+      swap: see `features`.
+      rename: the authors' name -> the variable name saved (default: unchanged),
+        to fake exporters that name variables differently (e.g. without
+        `resnet/`); the computation is the same.
+    """
+    variables = {k: tf.Variable(v, name=rename(k) if rename else k) for k, v in params.items()}
     obj = tf.train.Checkpoint()
     obj.variables = list(variables.values())
     obj.trainable_variables = list(variables.values())

@@ -25,7 +25,7 @@ import socket
 import threading
 import urllib.parse
 import urllib.request
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from absl import logging
@@ -198,24 +198,67 @@ def load_saved_model(path: str, *, handle: Any = None):
                             f"the SavedModel does not load: {short_reason(err)}") from None
 
 
-def saved_model_variables(obj) -> list[tuple[str, np.ndarray]]:
-    """(name, value) of every floating-point variable of a loaded SavedModel.
+class ModuleVariable(NamedTuple):
+    """One tensor of a weights file or module, in the order its source lists it.
 
-    Uses the object's `variables` attribute (the TF-Hub reusable-SavedModel
-    convention) and falls back to walking the object graph. Names are the
-    variables' own names, e.g. `resnet/block1/unit01/a/group_norm/gamma:0`.
+    Attributes:
+      name: the tensor's own name (`resnet/block1/unit01/a/group_norm/gamma:0`, or
+        a bare `group_norm/gamma:0`: names need not be unique).
+      value: its value.
+      path: where it sits in the SavedModel's object graph (`model/variables/3`),
+        empty for files; for messages.
+    """
+
+    name: str
+    value: np.ndarray
+    path: str = ""
+
+
+def _object_graph_paths(obj) -> dict[int, tuple[str, Any]]:
+    """id(variable) -> (first depth-first object-graph path, variable), in visiting order.
+
+    Walks the restored object with the public `tf.train.TrackableView.children`
+    (child names as saved, in saved order), visiting every object once.
     """
     import tensorflow as tf  # lazy
+    found: dict[int, tuple[str, Any]] = {}
+    seen = {id(obj)}
+
+    def walk(node, path):
+        for name, child in tf.train.TrackableView.children(node).items():
+            if id(child) in seen:
+                continue
+            seen.add(id(child))
+            child_path = f"{path}/{name}" if path else name
+            if isinstance(child, tf.Variable):
+                found[id(child)] = (child_path, child)
+            else:
+                walk(child, child_path)
+
+    walk(obj, "")
+    return found
+
+
+def saved_model_variables(obj) -> list[ModuleVariable]:
+    """Every floating-point variable of a loaded SavedModel, in the module's own order.
+
+    The order is the object's `variables` list (the TF-Hub reusable-SavedModel
+    convention; Keras saves its layers' creation order there), else a
+    depth-first walk of the object graph, which reaches Keras variables through
+    the same lists. Order matters because names may not identify a variable
+    (the BiT authors' own Keras code saves 49 tensors all named
+    `group_norm/gamma:0`): the BiT loader then maps by position and shape.
+    """
+    paths = _object_graph_paths(obj)
     variables = getattr(obj, "variables", None)
     if variables is None or callable(variables):
-        variables = [t for t in tf.train.TrackableView(obj).descendants()
-                     if isinstance(t, tf.Variable)]
+        variables = [var for _, var in paths.values()]
     out, seen = [], set()
     for var in variables:
         if id(var) in seen or not var.dtype.is_floating:
             continue
         seen.add(id(var))
-        out.append((var.name, var.numpy()))
+        out.append(ModuleVariable(var.name, var.numpy(), paths.get(id(var), ("",))[0]))
     return out
 
 

@@ -22,6 +22,8 @@ import inspect
 from typing import Callable, Optional
 
 _REGISTRY: dict[str, "ModelSpec"] = {}
+# `--weights` values that mean "random initialization" for every model.
+NO_WEIGHTS = ("none", "random")
 _PREFIXES: dict[str, "ModelSpec"] = {}
 
 
@@ -43,6 +45,12 @@ class ModelSpec:
       residual: False for the plain (shortcut-free) CIFAR twins.
       default_weights: what `pipeline.finetune` loads when `--weights` is unset
         (a TF-Hub handle, `imagenet`), None where it trains from scratch.
+      provenance: `f(*, argument, weights) -> dict` describing where loaded
+        weights came from (handle, version or revision, checksum) for the run
+        summary and the model card; None records `{"source": weights}`.
+      image_size_for: for prefix models, `f(argument) -> int`, the default
+        resolution of that argument (a keras-hub preset's own image size);
+        None uses `default_image_size`.
     """
 
     name: str
@@ -56,6 +64,8 @@ class ModelSpec:
     width: float = 1.0
     residual: bool = True
     default_weights: Optional[str] = None
+    provenance: Optional[Callable] = None
+    image_size_for: Optional[Callable] = None
 
     def options(self) -> set[str]:
         """Keyword options the builder accepts beyond the common contract."""
@@ -119,6 +129,31 @@ def get_spec(name: str) -> ModelSpec:
         f"prefixes: {', '.join(p + '<arg>' for p in sorted(_PREFIXES))}.")
 
 
+def prefix_argument(spec: ModelSpec, name: str) -> Optional[str]:
+    """What a prefix model's builder gets as `argument` (`hub:<this>`); None for other models."""
+    return name[len(spec.name):] if spec.is_prefix else None
+
+
+def default_image_size(name: str) -> int:
+    """The resolution model `name` is meant for: its argument's own (a preset's) or its family's."""
+    spec = get_spec(name)
+    if spec.image_size_for is not None:
+        return int(spec.image_size_for(prefix_argument(spec, name)))
+    return spec.default_image_size
+
+
+def weights_provenance(name: str, weights: Optional[str]) -> Optional[dict]:
+    """Where the weights of model `name` came from (None for random initialization).
+
+    The family's own `ModelSpec.provenance` says more (a preset's version, a
+    checksum of its files); otherwise the weights argument itself is recorded.
+    """
+    spec = get_spec(name)
+    if spec.provenance is not None:
+        return spec.provenance(argument=prefix_argument(spec, name), weights=weights)
+    return {"source": weights} if weights and weights.lower() not in NO_WEIGHTS else None
+
+
 def create_model(name: str, *, num_classes: int, image_size: int | None = None,
                  weights: str | None = None, normalization=None, **options):
     """Build the registered model `name`.
@@ -146,9 +181,11 @@ def create_model(name: str, *, num_classes: int, image_size: int | None = None,
         raise ValueError(
             f"Model {name!r} does not take option(s) {', '.join(sorted(unknown))}; "
             f"it takes: {', '.join(sorted(spec.options())) or 'none'}.")
-    size = image_size or spec.default_image_size
+    if isinstance(weights, str) and weights.lower() in NO_WEIGHTS:
+        weights = None
+    size = image_size or default_image_size(name)
     kwargs = dict(num_classes=num_classes, input_shape=(size, size, 3), weights=weights,
                   normalization=normalization, **options)
     if spec.is_prefix:
-        kwargs["argument"] = name[len(spec.name):]
+        kwargs["argument"] = prefix_argument(spec, name)
     return spec.builder(**kwargs)

@@ -398,6 +398,7 @@ def export_run(model_dir: str, *, export_root: str = "saved_models", name: Optio
         "model": model_name,
         "dataset": dataset,
         "metrics": {k: summary[k] for k in RUN_METRICS if k in summary},
+        "weights": summary.get("weights") or (config.get("model") or {}).get("weights"),
         "source_run": os.path.abspath(model_dir),
         "checkpoint": checkpoint,
         "source_checkpoint": os.path.abspath(filename),

@@ -11,9 +11,7 @@ from typing import Optional
 
 from pipeline import config as cfg
 from pipeline.models import get_spec
-
-# `--weights` values that mean "train from random initialization".
-NO_WEIGHTS = ("none", "random")
+from pipeline.models.registry import NO_WEIGHTS, default_image_size
 
 
 def resolve_weights(model_name: str, weights: Optional[str]) -> Optional[str]:
@@ -24,9 +22,16 @@ def resolve_weights(model_name: str, weights: Optional[str]) -> Optional[str]:
 
 
 def finetune_run(run: cfg.RunConfig) -> cfg.RunConfig:
-    """`run` with fine-tuning's model-dependent defaults (weights; HyperRule resolution with its schedule)."""
+    """`run` with fine-tuning's model-dependent defaults.
+
+    The weights (see `resolve_weights`); the resolution: the HyperRule's with its
+    schedule, else, with `--image_size` unset, the one the pretrained model was
+    trained at (`registry.default_image_size`: a keras-hub preset's own size).
+    """
     data = run.data
     if run.train.schedule == "hyperrule":
         data = dataclasses.replace(data, resolution_rule="hyperrule")
+    elif data.image_size is None and get_spec(run.model.name).pretrained:
+        data = dataclasses.replace(data, image_size=default_image_size(run.model.name))
     model = dataclasses.replace(run.model, weights=resolve_weights(run.model.name, run.model.weights))
     return dataclasses.replace(run, data=data, model=model)

@@ -24,7 +24,7 @@ from absl import logging
 from pipeline import config as cfg
 from pipeline import data, rundir
 from pipeline.data.augment import mixup
-from pipeline.models import create_model
+from pipeline.models import create_model, weights_provenance
 from pipeline.models.pretrained import set_backbone_trainable
 from pipeline.training import callbacks as cbs
 from pipeline.training import distribute, phases, precision, tensorboard
@@ -162,6 +162,7 @@ class _Job:
     wall_start: float
     policy: str = ""
     dist: dict = dataclasses.field(default_factory=dict)
+    weights: Optional[dict] = None  # where the model's pretrained weights came from
 
 
 def _train(job: _Job, *, datasets, model, extra_callbacks) -> TrainResult:
@@ -182,6 +183,7 @@ def _train(job: _Job, *, datasets, model, extra_callbacks) -> TrainResult:
     monitor = "val_accuracy" if val_ds is not None else "accuracy"
     state = _resume_state(job)
     model = _model_in_scope(job, datasets, model)
+    job.weights = weights_provenance(run.model.name, run.model.weights)
     checkpoint = cbs.RunCheckpoint(job.write_dir, monitor=monitor, state=state)
     callbacks = _callbacks(job, datasets, budget, checkpoint, extra_callbacks)
     _write_summary(job, datasets, model, status="running", state=state)
@@ -368,6 +370,7 @@ def _write_summary(job: _Job, datasets, model, *, status, state, test=(None, Non
         "test_loss": test[0],
         "test_accuracy": test[1],
         "wall_seconds": round(wall, 2),
+        "weights": job.weights,
         "precision": job.policy,
         **job.dist,
         "device": precision.device_description(),
