@@ -357,3 +357,21 @@ def test_finetune_end_to_end_on_a_local_preset(keras_preset, tmp_path):
     assert (weights["preset"], weights["kind"], weights["format"]) == (keras_preset, "local",
                                                                        "keras_hub")
     assert set(weights["sha256"]) == {"model.weights.h5"}
+    card = json.loads((exports[0].parent / "assets" / "model_card.json").read_text())
+    assert card["weights"] == weights  # the export says where its weights came from, too
+
+
+def test_frozen_then_scaled_backbone_under_mirrored_then_visualized(keras_preset, tmp_path):
+    """A keras_hub run like any other: two replicas, a frozen epoch, a backbone multiplier, the plots."""
+    model_dir = tmp_path / "run"
+    run_cli("finetune", f"--model=keras_hub:{keras_preset}", "--dataset=digits", "--epochs=2",
+            "--freeze_epochs=1", "--backbone_lr_multiplier=0.1", "--strategy=mirrored",
+            "--batch_size=16", "--steps_per_epoch=2", f"--image_size={SIZE}", "--augment=none",
+            "--schedule=cosine", "--learning_rate=0.01", "--noexport", "--noreport",
+            f"--model_dir={model_dir}", env={"PIPELINE_LOGICAL_CPUS": "2"})
+    summary = json.loads((model_dir / "summary.json").read_text())
+    assert (summary["status"], summary["epochs_done"], summary["replicas"]) == ("completed", 2, 2)
+    proc = run_cli("visualize", f"--model_dir={model_dir}", "--what=feature_maps,gradcam", "--image=test:0")
+    written = [line.split(" ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("wrote ")]
+    assert any("gradcam" in p for p in written) and any("feature_maps_backbone" in p for p in written)
+    assert all(os.path.getsize(p) > 1000 for p in written)

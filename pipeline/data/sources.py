@@ -28,6 +28,7 @@ from pipeline.data.registry import (
     register_source,
     shorter_side_to,
 )
+from pipeline.errors import short_reason
 
 # Supplied to models as per-channel statistics; CIFAR values are the standard
 # ones over the 50k training images (a 45k subset differs in the 4th decimal).
@@ -195,7 +196,6 @@ def _tfds_prepared_builder(name: str, data_dir: Optional[str]):
         with tfds_download_retries(TFDS_DOWNLOAD_RETRIES):
             builder.download_and_prepare()
     except Exception as e:  # noqa: BLE001 - any download/prepare failure means "absent"
-        from pipeline.models.hub_io import short_reason  # lazy: only on this error path
 
         raise DataError(
             f"TFDS dataset {name!r} is not prepared under --data_dir={where} and could not be "

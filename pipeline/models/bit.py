@@ -62,8 +62,9 @@ import numpy as np
 from absl import logging
 from keras import ops
 
-from pipeline.models.bit_mapping import HEAD_KEYS, infer_arch, map_tensors
+from pipeline.errors import short_reason
 from pipeline.models import hub_io
+from pipeline.models.bit_mapping import HEAD_KEYS, infer_arch, map_tensors
 from pipeline.models.layers import GroupNormalization
 from pipeline.models.registry import register_model
 
@@ -496,7 +497,7 @@ def read_bit_weights(weights) -> BitWeights:
             with np.load(source, allow_pickle=False) as data:
                 tensors = [hub_io.ModuleVariable(k, data[k]) for k in data.files]
         except Exception as err:  # noqa: BLE001 - corrupt/truncated archive
-            raise hub_io.weights_error(source, f"unreadable .npz: {hub_io.short_reason(err)}") from None
+            raise hub_io.weights_error(source, f"unreadable .npz: {short_reason(err)}") from None
         return BitWeights(source, tensors)
     path = hub_io.resolve_handle(source)
     module = hub_io.load_saved_model(path, handle=source)

@@ -16,6 +16,7 @@ import os
 import re
 from typing import Optional
 
+from pipeline.models import keras_hub_source as source_lib
 from pipeline.models import registry
 
 # Image backbones keras-hub has no ImageClassifier for (pooled and headed by our `keras_hub:` models).
@@ -58,21 +59,13 @@ def _dig(config, keys):
 def cached_preset_file(handle: str, filename: str) -> Optional[str]:
     """`filename` of a `kaggle://` preset if kagglehub's cache holds it, else None (never downloads).
 
-    kagglehub's public `model_download` goes to the network when a file is
-    missing; its cache layout is reached through the two functions its own
-    resolver uses (`kagglehub.handle.parse_model_handle`,
-    `kagglehub.cache.get_cached_path`), so `KAGGLEHUB_CACHE` is honoured.
-    tests/test_list_models.py writes a file where the layout says and fails
-    loudly if kagglehub moves it.
+    The cache layout is `keras_hub_source.kaggle_cache_path`'s (the one place it
+    is written); tests/test_list_models.py writes a file where kagglehub would
+    and fails loudly if the layout moves.
     """
-    if not handle.startswith("kaggle://"):
-        return None
-    from kagglehub import cache, handle as handles
-    try:
-        path = cache.get_cached_path(handles.parse_model_handle(handle[len("kaggle://"):]), filename)
-    except ValueError:  # not a versioned model handle
-        return None
-    return path if os.path.isfile(path) else None
+    directory = source_lib.kaggle_cache_path(handle) if handle.startswith(source_lib.KAGGLE) else None
+    path = os.path.join(directory, filename) if directory else None
+    return path if path and os.path.isfile(path) else None
 
 
 def preset_image_size(handle: str, description: str) -> Optional[int]:
@@ -90,11 +83,6 @@ def preset_image_size(handle: str, description: str) -> Optional[int]:
             return int(size[0])
     match = _DESCRIBED_SIZE.search(description or "")
     return int(match.group(1)) if match else None
-
-
-def keras_hub_version() -> str:
-    import keras_hub
-    return keras_hub.__version__
 
 
 def keras_hub_presets(family: Optional[str] = None) -> dict[str, list[PresetInfo]]:
@@ -161,7 +149,7 @@ def model_catalog(family: Optional[str] = None) -> str:
     if prefixes:
         lines.append(f"  and {', '.join(prefixes)}")
     count = sum(len(rows) for rows in presets.values())
-    lines += ["", f"keras-hub {keras_hub_version()} image presets ({count}; --model=keras_hub:<preset>):"]
+    lines += ["", f"keras-hub {source_lib.keras_hub_version()} image presets ({count}; --model=keras_hub:<preset>):"]
     for name, rows in presets.items():
         lines.append(f"{name} ({len(rows)})")
         lines += _table(("preset", "params", "image size"),

@@ -30,6 +30,8 @@ from typing import Any, NamedTuple
 import numpy as np
 from absl import logging
 
+from pipeline.errors import short_reason
+
 _REMOTE_PREFIXES = ("http://", "https://", "gs://")
 # Seconds to wait for a TCP connection to the hub host before declaring it
 # unreachable. Offline machines fail in milliseconds (DNS); this bounds the
@@ -44,12 +46,6 @@ class WeightsError(ValueError):
     """Pretrained weights cannot be obtained, read or mapped onto the model."""
 
 
-def short_reason(err: BaseException, limit: int = 200) -> str:
-    """A one-line description of an exception for user-facing messages."""
-    text = " ".join(str(err).split())
-    if len(text) > limit:
-        text = text[:limit - 3] + "..."
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def hub_cache_dir() -> str:

@@ -23,7 +23,7 @@ from typing import NamedTuple, Optional
 import keras
 from keras import ops
 
-from pipeline.models import hub_io
+from pipeline.errors import short_reason
 from pipeline.models.hub_io import WeightsError
 from pipeline.models.pretrained import BACKBONE, POOL, zero_head
 from pipeline.models.registry import register_model
@@ -117,7 +117,7 @@ KERAS_APPS = {
 def _imagenet_error(model_name: str, err: BaseException) -> WeightsError:
     return WeightsError(
         f"Cannot get the ImageNet weights of {model_name} from Keras Applications "
-        f"({hub_io.short_reason(err)}); connect to the network once (Keras caches them in "
+        f"({short_reason(err)}); connect to the network once (Keras caches them in "
         f"~/.keras/models), or pass --weights=<path to a weights file> (a .weights.h5 saved "
         f"from the backbone, or the Keras Applications .h5).")
 
@@ -156,7 +156,7 @@ def _keras_backbone(app: KerasApp, model_name: str, weights, input_shape) -> ker
         backbone.load_weights(os.fspath(weights))
     except Exception as err:  # noqa: BLE001 - wrong file / topology
         raise WeightsError(f"Cannot load {os.fspath(weights)!r} into the {model_name} backbone "
-                           f"({hub_io.short_reason(err)}); the file must hold weights of "
+                           f"({short_reason(err)}); the file must hold weights of "
                            f"keras.applications.{app.constructor}(include_top=False).") from None
     return backbone
 

@@ -32,7 +32,7 @@ import keras
 import numpy as np
 from absl import logging
 
-from pipeline.models import hub_io
+from pipeline.errors import short_reason
 from pipeline.models import keras_hub_source as source_lib
 from pipeline.models.hub_io import WeightsError
 from pipeline.models.pretrained import BACKBONE, POOL, zero_head
@@ -87,10 +87,10 @@ def load_image_converter(source: source_lib.PresetSource):
     except (FileNotFoundError, ValueError) as err:
         logging.warning("keras_hub:%s has no image converter (%s): the backbone gets 0..255 "
                         "images, as keras-hub's own pipeline would give it.", source.preset,
-                        hub_io.short_reason(err))
+                        short_reason(err))
         return None
     except Exception as err:  # noqa: BLE001 - download/cache failures alike
-        raise source_lib.preset_error(source.preset, hub_io.short_reason(err), source.kind) from None
+        raise source_lib.preset_error(source.preset, short_reason(err), source.kind) from None
     if converter is not None and type(converter).call is not keras_hub.layers.ImageConverter.call:
         raise source_lib.preset_error(
             source.preset, f"its image converter {type(converter).__name__} is not a plain "
@@ -109,7 +109,7 @@ def load_backbone(source: source_lib.PresetSource, *, load_weights: bool):
         backbone = keras_hub.models.Backbone.from_preset(source.location, load_weights=load_weights,
                                                          name=BACKBONE)
     except Exception as err:  # noqa: BLE001 - keras-hub raises many types for one meaning
-        raise source_lib.preset_error(source.preset, hub_io.short_reason(err), source.kind) from None
+        raise source_lib.preset_error(source.preset, short_reason(err), source.kind) from None
     inputs, outputs = backbone.inputs, backbone.outputs
     if len(inputs) != 1 or len(inputs[0].shape) != 4 or len(outputs) != 1:
         raise source_lib.preset_error(

@@ -28,6 +28,7 @@ import json
 import os
 from typing import Optional
 
+from pipeline.errors import short_reason
 from pipeline.models import hub_io
 from pipeline.models.hub_io import WeightsError
 
@@ -138,7 +139,7 @@ def _local(preset: str, path: str) -> PresetSource:
     try:
         preset_format(directory)
     except (ValueError, OSError) as err:
-        raise preset_error(preset, hub_io.short_reason(err)) from None
+        raise preset_error(preset, short_reason(err)) from None
     return PresetSource(preset, directory, "local", directory=directory)
 
 
@@ -222,12 +223,13 @@ def _named(preset: str, timeout: float) -> PresetSource:
     if preset not in presets:
         close = difflib.get_close_matches(preset, list(presets), n=5, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}" if close else ""
-        raise preset_error(preset, f"not a keras-hub {_keras_hub_version()} preset name, "
+        raise preset_error(preset, f"not a keras-hub {keras_hub_version()} preset name, "
                                    f"kaggle:// or hf:// handle, nor an existing directory{hint}")
     return _kaggle(preset, presets[preset]["kaggle_handle"], timeout)
 
 
-def _keras_hub_version() -> str:
+def keras_hub_version() -> str:
+    """The installed keras-hub's version, read without importing it."""
     from importlib import metadata
     try:
         return metadata.version("keras-hub")
@@ -298,7 +300,7 @@ def provenance(*, argument: str, weights: Optional[str]) -> Optional[dict]:
         record["note"] = str(err)
         return record
     record.update(kind=source.kind, handle=source.handle, directory=source.directory,
-                  keras_hub_version=_keras_hub_version())
+                  keras_hub_version=keras_hub_version())
     if source.kind == "kaggle":
         record["kaggle_version"] = source.version
     elif source.kind == "hf":

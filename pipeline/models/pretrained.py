@@ -20,6 +20,7 @@ from __future__ import annotations
 import keras
 from absl import logging
 
+from pipeline.errors import short_reason
 from pipeline.models import hub_io
 from pipeline.models.hub_io import WeightsError
 from pipeline.models.registry import register_model
@@ -110,7 +111,7 @@ def hub_model(*, num_classes, input_shape, weights=None, normalization=None, arg
                                           dtype="float32", name=BACKBONE)
     except Exception as err:  # noqa: BLE001 - any failure means "not a usable module"
         raise hub_io.weights_error(argument, f"not a TF-Hub image module with a __call__: "
-                                             f"{hub_io.short_reason(err)}") from None
+                                             f"{short_reason(err)}") from None
     logging.warning("hub:%s computes in float32 whatever the precision policy (%s): a SavedModel "
                  "keeps the dtypes it was saved with.", argument,
                  keras.config.dtype_policy().name)
