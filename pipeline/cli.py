@@ -3,11 +3,14 @@
 Entry points (`pipeline/<verb>.py`) call the `define_*_flags()` they need at
 import time, then `run_config_from_flags(FLAGS)` inside `main`, wrapped in
 `run_cli`. Nothing outside the entry points and this module reads flags.
-Importing it is cheap (no TensorFlow): the heavy registries are imported by the
-`define_*_flags()` that list their choices.
+Importing it and defining the flags are cheap (no TensorFlow): the registries
+behind the choice flags load only when --help shows them or a given value is
+checked, so a misspelt flag is reported at once. `parse_flags` and `run_cli` give
+the exit statuses of `pipeline.errors` (README "Runs").
 """
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import traceback
@@ -15,7 +18,7 @@ import traceback
 from absl import flags
 
 from pipeline import config as cfg
-from pipeline import rundir, workflow
+from pipeline import errors, rundir, validation, workflow
 
 _EXCLUDED_FROM_FLAGFILE = {"model_dir", "resume"}
 # Where a run trains (a TPU's address) is not part of the run either: resume with --tpu again.
@@ -27,8 +30,92 @@ def _model_names():
     return list_models(), list_prefixes()
 
 
-def define_data_flags():
+# -- choice flags whose registries import TensorFlow, defined without importing it
+#
+# Their choices are read from the registry only when needed: when --help prints
+# them, and by a validator that absl runs after the whole command line is read
+# (so a misspelt flag name is reported in well under a second, before the
+# 5-10 s TensorFlow import). A bad choice is still refused before any work.
+
+
+class _LazyEnumParser(flags.ArgumentParser):
+    """An enum parser whose values come from `load()` on first use."""
+
+    def __init__(self, load):
+        self._load, self._values = load, None
+
+    @property
+    def enum_values(self):
+        if self._values is None:
+            self._values = list(self._load())
+        return self._values
+
+    def parse(self, argument):
+        return argument  # checked by the flag's validator, once every flag is parsed
+
+    def flag_type(self):
+        return "string enum"
+
+
+class _LazyHelpFlag(flags.Flag):
+    """A flag whose help text is computed when --help shows it (see `_lazy_enum`, `define_model_flags`)."""
+
+    def __init__(self, parser, name, default, help_fn):
+        self._help_fn = help_fn
+        super().__init__(parser, flags.ArgumentSerializer(), name, default, "")
+
+    @property
+    def help(self):
+        return self._help_fn()
+
+    @help.setter
+    def help(self, value):  # absl's Flag.__init__ assigns it
+        pass
+
+
+def _lazy_enum(name, default, load, help_text):
+    """DEFINE_enum over `load()`'s names, without calling `load` at definition time."""
+    parser = _LazyEnumParser(load)
+    flags.DEFINE_flag(_LazyHelpFlag(parser, name, default,
+                                    lambda: f"<{'|'.join(parser.enum_values)}>: {help_text}"))
+
+    def check(value):
+        # Defaults (ours, also a verb's set_default) are valid: only given values load the registry.
+        if value is None or value == flags.FLAGS[name].default:
+            return True
+        if value not in parser.enum_values:
+            raise flags.ValidationError("value should be one of "
+                                        f"<{'|'.join(parser.enum_values)}>")
+        return True
+    flags.register_validator(name, check)
+
+
+def _augmentations():
     from pipeline.data.augment import AUGMENTATIONS
+    return sorted(AUGMENTATIONS)
+
+
+def _optimizers():
+    from pipeline.training.optimizers import OPTIMIZERS
+    return sorted(OPTIMIZERS)
+
+
+def _schedules():
+    from pipeline.training import schedules
+    return list(schedules.SCHEDULES)
+
+
+def _precisions():
+    from pipeline.training import precision
+    return list(precision.POLICIES)
+
+
+def _strategies():
+    from pipeline.training import distribute
+    return list(distribute.CHOICES)
+
+
+def define_data_flags():
     flags.DEFINE_string("dataset", "digits",
                         "`digits` (embedded, offline), a TFDS name (`cifar10`, `tf_flowers`, "
                         "`tfds:<name>`), or `folder:<path>` (one subfolder per class).")
@@ -40,18 +127,21 @@ def define_data_flags():
     flags.DEFINE_float("test_fraction", 0.1, "Image folders without test/: seeded stratified fraction.")
     flags.DEFINE_integer("image_size", None, "Square model resolution (default: the data's own).")
     flags.DEFINE_integer("resize_size", None, "`bit` augmentation: resize to this, then crop --image_size.")
-    flags.DEFINE_enum("augment", "cifar", sorted(AUGMENTATIONS), "Training augmentation.")
+    _lazy_enum("augment", "cifar", _augmentations, "Training augmentation.")
     flags.DEFINE_integer("batch_size", 128, "Global batch size (split over replicas by tf.distribute).",
                          lower_bound=1)
     flags.DEFINE_bool("strict_images", False, "Fail on corrupt or unreadable images instead of skipping them.")
     flags.DEFINE_bool("cache", True, "Cache decoded images in memory when they fit.")
 
 
-def define_model_flags(default_model: str = "resnet20"):
+def _model_help():
     names, prefixes = _model_names()
-    flags.DEFINE_string("model", default_model,
-                        f"Model: one of {', '.join(names)}; or {', '.join(p + '<handle>' for p in prefixes)}.")
-    flags.register_validator("model", _valid_model,
+    return f"Model: one of {', '.join(names)}; or {', '.join(p + '<handle>' for p in prefixes)}."
+
+
+def define_model_flags(default_model: str = "resnet20"):
+    flags.DEFINE_flag(_LazyHelpFlag(flags.ArgumentParser(), "model", default_model, _model_help))
+    flags.register_validator("model", lambda name: name == flags.FLAGS["model"].default or _valid_model(name),
                              message="unknown --model; see --helpfull for the list of models")
     flags.DEFINE_string("weights", None, "Pretrained weights: a TF-Hub handle, a SavedModel directory, "
                         "an .npz/.h5/.weights.h5 file, or `imagenet` (Keras Applications).")
@@ -68,33 +158,31 @@ def _valid_model(name):
 
 
 def define_train_flags(**defaults):
-    from pipeline.training import distribute, precision, schedules
-    from pipeline.training.optimizers import OPTIMIZERS
     d = {"epochs": 30, "optimizer": "sgd", "learning_rate": 0.1, "schedule": "step",
          "lr_boundaries": [], **defaults}
     flags.DEFINE_integer("epochs", d["epochs"], "Epochs to train (ignored when a step budget is set).",
                          lower_bound=1)
-    flags.DEFINE_enum("optimizer", d["optimizer"], sorted(OPTIMIZERS), "Optimizer.")
+    _lazy_enum("optimizer", d["optimizer"], _optimizers, "Optimizer.")
     flags.DEFINE_float("learning_rate", d["learning_rate"], "Peak learning rate (after warm-up).")
     flags.DEFINE_float("momentum", 0.9, "Momentum for sgd and rmsprop.")
     flags.DEFINE_bool("nesterov", False, "Nesterov momentum for sgd.")
     flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay (0 = none).")
-    flags.DEFINE_enum("schedule", d["schedule"], list(schedules.SCHEDULES), "Learning-rate schedule.")
+    _lazy_enum("schedule", d["schedule"], _schedules, "Learning-rate schedule.")
     flags.DEFINE_list("lr_boundaries", d["lr_boundaries"], "`step` schedule: epochs where lr *= --lr_decay.")
     flags.DEFINE_float("lr_decay", 0.1, "`step`: factor at each boundary; `exponential`: factor per epoch.")
     flags.DEFINE_float("warmup_epochs", 0.0, "Linear warm-up length in epochs (fractions allowed).")
     flags.DEFINE_integer("switch_optimizer_epoch", 0, "Switch to --second_optimizer after this many epochs.")
-    flags.DEFINE_enum("second_optimizer", None, sorted(OPTIMIZERS), "Optimizer after the switch.")
+    _lazy_enum("second_optimizer", None, _optimizers, "Optimizer after the switch.")
     flags.DEFINE_float("second_learning_rate", None, "Learning rate after the switch (default: --learning_rate).")
     flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing of the cross-entropy.")
     flags.DEFINE_float("mixup_alpha", 0.0, "MixUp alpha (0 = off).")
-    flags.DEFINE_enum("precision", "auto", list(precision.POLICIES),
-                      "auto: mixed_float16 on GPUs >= 7.0, mixed_bfloat16 on CPUs with AVX512-BF16/AMX, "
-                      "else float32.")
-    flags.DEFINE_enum("strategy", "auto", list(distribute.CHOICES),
-                      "tf.distribute strategy. auto: tpu when --tpu is set, else multi_worker when "
-                      "TF_CONFIG names more than one chief/worker task, else mirrored over several "
-                      "GPUs, else default (one device). --batch_size stays the global batch.")
+    _lazy_enum("precision", "auto", _precisions,
+               "auto: mixed_float16 on GPUs >= 7.0, mixed_bfloat16 on CPUs with AVX512-BF16/AMX, "
+               "else float32.")
+    _lazy_enum("strategy", "auto", _strategies,
+               "tf.distribute strategy. auto: tpu when --tpu is set, else multi_worker when "
+               "TF_CONFIG names more than one chief/worker task, else mirrored over several "
+               "GPUs, else default (one device). --batch_size stays the global batch.")
     flags.DEFINE_string("tpu", None, "Cloud TPU for --strategy=tpu (or auto): its name or grpc:// "
                         "address, or `local` on a TPU VM.")
     flags.DEFINE_enum("lr_scaling", "none", ["none", "linear"],
@@ -177,12 +265,10 @@ def run_config_from_flags(fv, verb: str, **train_extra) -> cfg.RunConfig:
         steps_per_epoch=fv.steps_per_epoch, total_steps=fv.total_steps, tensorboard=fv.tensorboard,
         histogram_freq=fv.histogram_freq,
         verbose=fv.verbose, **_finetune_fields(fv), **train_extra)
-    if fv.switch_optimizer_epoch and not fv.second_optimizer:
-        raise ValueError("--switch_optimizer_epoch needs --second_optimizer.")
-    if fv.second_optimizer and not fv.switch_optimizer_epoch:
-        raise ValueError("--second_optimizer needs --switch_optimizer_epoch > 0.")
-    return cfg.RunConfig(model_dir=model_dir, data=data, model=model, train=train,
-                         resume=fv.resume, flags_text=flags_text(fv, verb))
+    run = cfg.RunConfig(model_dir=model_dir, data=data, model=model, train=train,
+                        resume=fv.resume, flags_text=flags_text(fv, verb))
+    validation.check_run(run)
+    return run
 
 
 def _finetune_fields(fv) -> dict:
@@ -191,21 +277,79 @@ def _finetune_fields(fv) -> dict:
     return {"freeze_epochs": fv.freeze_epochs, "backbone_lr_multiplier": fv.backbone_lr_multiplier}
 
 
-def run_cli(fn, *args):
-    """Call `fn(*args)`; turn the pipeline's expected errors into one line and exit 1.
+# OSError numbers of faults outside the command (storage full or failing): retrying may work.
+_TRANSIENT_ERRNOS = {errno.ENOSPC, errno.EIO, getattr(errno, "EDQUOT", errno.ENOSPC)}
+# Paths that are not what the command says they are: fix the command.
+_BAD_PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+# tf.errors classes of a lost worker or an aborted step, matched by name so that this
+# module never imports TensorFlow.
+_TRANSIENT_TF_ERRORS = {"UnavailableError", "AbortedError"}
 
-    Expected errors are bad values (ValueError and its subclasses: data, weights,
-    export and run-directory errors), files that cannot be read or written
-    (OSError) and a diverged training (`TrainingDiverged`, a FloatingPointError).
-    Set PIPELINE_DEBUG=1 to see the full traceback instead.
+
+def _is_tf_error(err: BaseException, names) -> bool:
+    return any(c.__name__ in names and c.__module__.startswith("tensorflow")
+               for c in type(err).__mro__)
+
+
+def exit_status(err: BaseException):
+    """The exit status for an exception (`errors.EXIT_*`), or None for an unexpected one.
+
+    2: the command or its data is wrong (ValueError and its subclasses, a path
+    that does not exist or is of the wrong kind, a diverged training). 75: a
+    fault worth retrying as it is (`errors.TransientError`, a full or failing
+    disk, a lost worker). 130: interrupted. 1: any other OSError (one line too).
+    """
+    if isinstance(err, KeyboardInterrupt):
+        return errors.EXIT_INTERRUPTED
+    if isinstance(err, errors.TransientError) or _is_tf_error(err, _TRANSIENT_TF_ERRORS):
+        return errors.EXIT_TRANSIENT
+    if isinstance(err, OSError) and err.errno in _TRANSIENT_ERRNOS:
+        return errors.EXIT_TRANSIENT
+    if isinstance(err, (ValueError, FloatingPointError, *_BAD_PATH_ERRORS)):
+        return errors.EXIT_BAD_INPUT
+    if isinstance(err, OSError):
+        return 1
+    return None
+
+
+def _message(err: BaseException) -> str:
+    if isinstance(err, KeyboardInterrupt) and not str(err):  # a bare Ctrl-C
+        return "error: interrupted (Ctrl-C)"
+    return f"error: {err}"
+
+
+def run_cli(fn, *args):
+    """Call `fn(*args)`; turn the pipeline's expected errors into one line and an exit status.
+
+    The statuses (`exit_status`, README "Runs") tell a cluster manager what to
+    do: 2 fix the command, 75 retry it, 130 the user stopped it. Unexpected
+    errors keep their traceback. Set PIPELINE_DEBUG=1 to see the full
+    traceback of expected ones too.
     """
     try:
         return fn(*args)
-    except (ValueError, OSError, FloatingPointError) as e:
+    except BaseException as e:  # noqa: BLE001 - classified below; the rest is re-raised
+        status = exit_status(e)
+        if status is None:
+            raise
         if os.environ.get("PIPELINE_DEBUG"):
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        print(_message(e), file=sys.stderr, flush=True)
+        sys.exit(status)
+
+
+def parse_flags(argv):
+    """absl's flag parsing (`app.run(main, flags_parser=cli.parse_flags)`), exiting 2 on a bad flag.
+
+    Same message as absl's own parser, but the exit status says "fix the
+    command" like every other bad value (absl's default is 1).
+    """
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags.",
+              file=sys.stderr, flush=True)
+        sys.exit(errors.EXIT_BAD_INPUT)
 
 
 def no_arguments(argv):

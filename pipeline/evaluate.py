@@ -6,7 +6,7 @@ Prints test loss and accuracy and per-class accuracy, and writes
 
 from absl import app, flags
 
-from pipeline import cli, rundir, training
+from pipeline import cli, rundir
 
 flags.DEFINE_string("model_dir", None, "Run directory to evaluate.", required=True)
 flags.DEFINE_enum("split", "test", ["test", "val"], "Which split to evaluate.")
@@ -15,6 +15,8 @@ FLAGS = flags.FLAGS
 
 
 def run(argv):
+    from pipeline import training  # imports TensorFlow: after the flags are parsed (fast --help, typos)
+
     result = training.evaluate_checkpoint(FLAGS.model_dir, split=FLAGS.split, checkpoint=FLAGS.checkpoint)
     rundir.write_evaluation(FLAGS.model_dir, FLAGS.split, result)
     print(f"{FLAGS.split}: loss {result['loss']:.4f}, accuracy {result['accuracy']:.4f} "
@@ -30,4 +32,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -9,8 +9,7 @@ overridden by its flag. Other backbones typically use `--freeze_epochs` and
 """
 from absl import app, flags
 
-from pipeline import cli, training
-from pipeline.training import finetuning
+from pipeline import cli
 
 cli.define_data_flags()
 cli.define_model_flags(default_model="bit_m_r50x1")
@@ -27,7 +26,11 @@ FLAGS.set_default("mixup_alpha", None)
 def run(argv):
     if FLAGS.resume:
         cli.reparse_with_run_flagfile(FLAGS)
-    run_config = finetuning.finetune_run(cli.run_config_from_flags(FLAGS, "finetune"))
+    run_config = cli.run_config_from_flags(FLAGS, "finetune")  # bad values refused here, before TensorFlow
+    from pipeline import training  # imports TensorFlow
+    from pipeline.training import finetuning
+
+    run_config = finetuning.finetune_run(run_config)
     return cli.after_training(FLAGS, training.train(run_config))
 
 
@@ -36,4 +39,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

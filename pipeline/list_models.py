@@ -8,7 +8,6 @@ offline. `--family` filters both. See `pipeline.models.catalog`.
 from absl import app, flags
 
 from pipeline import cli
-from pipeline.models import catalog
 
 # A string, not an enum: keras-hub's families are known only once it is imported; a typo is one line
 # naming the close families.
@@ -18,6 +17,8 @@ FLAGS = flags.FLAGS
 
 
 def run(argv):
+    from pipeline.models import catalog  # imports TensorFlow: after the flags are parsed
+
     cli.no_arguments(argv)
     print(catalog.model_catalog(FLAGS.family), flush=True)
 
@@ -27,4 +28,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

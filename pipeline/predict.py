@@ -1,10 +1,12 @@
 """Classify image files with an export, exactly as TF Serving would.
 
-    python -m pipeline.predict --export=saved_models/<name>[/<version>] IMAGE... [--top_k=3] [--json]
+    python -m pipeline.predict --export=saved_models/<name>[/<version>] IMAGE|DIR... [--top_k=3] [--json]
 
-Prints one line per image (`--json`: one JSON object per line). An image the
-model cannot decode is reported on stderr; the others are still classified and
-the exit status is 1. See `pipeline.serving.predict`.
+Prints one line per image (`--json`: one JSON object per line); a directory
+stands for the image files under it, recursively. An image the model cannot
+decode is reported on stderr; the others are still classified and the exit
+status is 1 (some answers were given: not a refused command, which is 2).
+See `pipeline.serving.predict`.
 """
 import sys
 
@@ -32,4 +34,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

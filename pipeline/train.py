@@ -1,7 +1,7 @@
 """Train a model from scratch: `python -m pipeline.train --flagfile=flags/quickstart.cfg`."""
 from absl import app, flags
 
-from pipeline import cli, training
+from pipeline import cli
 
 cli.define_data_flags()
 cli.define_model_flags()
@@ -14,7 +14,10 @@ FLAGS = flags.FLAGS
 def run(argv):
     if FLAGS.resume:
         cli.reparse_with_run_flagfile(FLAGS)
-    result = training.train(cli.run_config_from_flags(FLAGS, "train"))
+    run_config = cli.run_config_from_flags(FLAGS, "train")  # bad values refused here, before TensorFlow
+    from pipeline import training  # imports TensorFlow
+
+    result = training.train(run_config)
     return cli.after_training(FLAGS, result)
 
 
@@ -23,4 +26,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -370,7 +370,7 @@ def test_export_cli_from_missing_or_empty_dir_fails_with_one_line(case, tmp_path
     if case == "empty":
         model_dir.mkdir()
     proc = run_cli("export", f"--model_dir={model_dir}", f"--export_dir={tmp_path / 'out'}", check=False)
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # fix the command (issue 15's exit statuses)
     assert "Traceback" not in proc.stderr
     line = last_line(proc.stderr)
     assert line.startswith("error: ") and str(model_dir) in line
@@ -417,13 +417,13 @@ def test_predict_prints_top_k_per_image_and_json(digits_export, digits_images, t
 
 def test_predict_missing_image_or_export_fails_with_one_line(digits_export, tmp_path):
     proc = run_cli("predict", f"--export={digits_export['path']}", str(tmp_path / "nope.png"), check=False)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr  # fix the command
     assert last_line(proc.stderr) == f"error: image {str(tmp_path / 'nope.png')!r} does not exist"
     image = tmp_path / "x.png"
     Image.new("RGB", (8, 8)).save(image)
     (tmp_path / "empty_model").mkdir()
     proc = run_cli("predict", f"--export={tmp_path / 'empty_model'}", str(image), check=False)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert last_line(proc.stderr).startswith("error: ") and "no integer version" in last_line(proc.stderr)
 
 

@@ -69,7 +69,7 @@ def test_finetune_hub_module_with_frozen_epochs(folder, tmp_path):
 def test_finetune_unreachable_weights_is_one_clear_line(folder, tmp_path):
     proc = run_cli("finetune", "--noexport", "--noreport", f"--dataset=folder:{folder}", "--weights=/nonexistent/bit.npz",
                    "--image_size=32", f"--model_dir={tmp_path / 'x'}", check=False)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "/nonexistent/bit.npz" in errors[0]
     assert "Traceback" not in proc.stderr

@@ -79,5 +79,5 @@ def test_list_models_verb():
     assert "image presets (0;" in cifar and "resnet_18_imagenet" not in cifar and "keras_apps" not in cifar
 
     bad = run_cli("list_models", "--family=nope", check=False, timeout=300)
-    assert bad.returncode == 1
+    assert bad.returncode == 2
     assert last_line(bad.stderr).startswith("error: Unknown model family 'nope'")

@@ -429,7 +429,7 @@ def test_run_without_a_test_split_says_so(digits_run, tmp_path):
 def test_missing_run_dir_is_one_error_line(tmp_path):
     missing = tmp_path / "nope"
     proc = run_cli("report", f"--model_dir={missing}", check=False)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert last_line(proc.stderr) == f"error: Run directory {str(missing)!r} does not exist."
     assert "Traceback" not in proc.stderr
     with pytest.raises(rundir.RunDirError, match="does not exist"):

@@ -111,7 +111,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_best(tmp_path):
     proc = run_cli("train", *FAST, "--epochs=3", "--steps_per_epoch=3", "--optimizer=sgd", "--learning_rate=0.01",
                    "--switch_optimizer_epoch=1", "--second_optimizer=sgd", "--second_learning_rate=1e30",
                    "--schedule=constant", f"--model_dir={model_dir}", check=False)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     line = last_line(proc.stderr)
     assert line.startswith("error: Loss became NaN") and "epoch 2" in line, line
     assert os.path.exists(os.path.join(model_dir, "checkpoints", "best.keras"))
@@ -137,7 +137,7 @@ def test_bad_flags_exit_nonzero_with_one_clear_line(args, needle, tmp_path):
 
 def test_existing_run_dir_is_not_overwritten(digits_run):
     proc = run_cli("train", *FAST, f"--model_dir={digits_run['model_dir']}", check=False)
-    assert proc.returncode == 1 and "--resume" in last_line(proc.stderr)
+    assert proc.returncode == 2 and "--resume" in last_line(proc.stderr)
 
 
 def test_phases_split_at_unfreeze_and_switch():

@@ -294,7 +294,7 @@ def test_bad_search_space_is_one_clear_error(kwargs, needle):
 def test_cli_bad_hyperparameter_is_one_error_line(tmp_path):
     proc = run_cli("tune", *TUNE_FLAGS, "--tune=learning_rate,momentum", f"--tune_dir={tmp_path / 't'}",
                    check=False)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == [last_line(proc.stderr)] and "Traceback" not in proc.stderr
     assert "'momentum'" in errors[0] and "valid names: optimizer, learning_rate" in errors[0]

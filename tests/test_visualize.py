@@ -245,7 +245,7 @@ def test_visualize_errors_are_one_clear_line(args, needle, digits_run, digit_png
     args = [a.format(missing=str(tmp_path / "nope"), run=digits_run["model_dir"], image=digit_png[0])
             for a in args]
     proc = run_cli("visualize", *args, check=False)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert last_line(proc.stderr).startswith("error: ") and needle in last_line(proc.stderr), proc.stderr
     assert "Traceback" not in proc.stderr
 

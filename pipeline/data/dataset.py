@@ -163,6 +163,21 @@ def _sizes(config: DataConfig, source: Source) -> Tuple[int, Optional[int]]:
     return image_size, resize_size
 
 
+# Sources whose splits are fixed (digits) or folders (train/ val/ test/, or fractions): no split names.
+_NO_SPLIT_NAMES = ("digits", "folder")
+
+
+def _check_split_flags(prefix: str, config: DataConfig):
+    """--train_split/--val_split/--test_split name TFDS splits: refuse them where they would be ignored."""
+    given = [f"--{name}={value}" for name, value in (("train_split", config.train_split),
+             ("val_split", config.val_split), ("test_split", config.test_split)) if value is not None]
+    if prefix in _NO_SPLIT_NAMES and given:
+        how = ("its split is fixed" if prefix == "digits" else
+               "use train/ val/ test/ subfolders or --val_fraction/--test_fraction")
+        raise DataError(f"{' '.join(given)}: TFDS split names do not apply to --dataset={config.dataset} "
+                        f"({how}).")
+
+
 def load_dataset(config: DataConfig) -> Datasets:
     """Builds train/val/test input pipelines for `config.dataset`.
 
@@ -175,7 +190,8 @@ def load_dataset(config: DataConfig) -> Datasets:
 
     Raises:
       DataError: the data is absent (and cannot be downloaded), a folder or
-        class folder is missing or empty, a split name is unknown, or (with
+        class folder is missing or empty, a split name is unknown or given for
+        digits or a folder, the data has fewer than 2 classes, or (with
         `strict_images`) a folder holds unreadable files.
       ValueError: an unknown augmentation or a bad size/batch setting.
     """
@@ -183,7 +199,11 @@ def load_dataset(config: DataConfig) -> Datasets:
         raise ValueError(f"batch_size must be positive, got {config.batch_size}")
     augment.check_augmentation(config.augment)
     prefix, spec = resolve(config.dataset)
+    _check_split_flags(prefix, config)
     source = SOURCES[prefix](spec, config)
+    if len(source.class_names) < 2:
+        raise DataError(f"--dataset={config.dataset} has {len(source.class_names)} class "
+                        f"({', '.join(source.class_names)}): a classifier needs at least 2.")
     image_size, resize_size = _sizes(config, source)
     base_size = max(image_size, resize_size or 0)
 

@@ -18,6 +18,10 @@ logits, also for mixed-precision models), `class_ids` (int64 [batch]) and
 Every version is written into `<name>/.tmp-...` beside its target and renamed
 into place only when complete, so a server watching `<name>/` never sees a
 half-written version (TF Serving ignores names that are not integers).
+Killed exports' temporary folders are removed by the next export, a full disk
+is an `errors.TransientError`, and fault points let tests kill an export at
+each step of the publish (`pipeline.serving.staging`). A checkpoint that
+cannot be read is an `ExportError` naming the file.
 
 This module imports TensorFlow only inside the functions that need it and Keras
 only where it loads checkpoints: `pipeline.serving.predict`,
@@ -29,12 +33,21 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-import shutil
 import tempfile
+import zipfile
 from typing import Optional, Sequence
 
 import pipeline
-from pipeline import rundir
+from pipeline import errors, rundir
+from pipeline.serving.staging import (
+    OLD_PREFIX,
+    TMP_PREFIX,
+    disk_full,
+    is_saved_model,
+    remove,
+    remove_leftovers,
+    writer_tag,
+)
 
 DEFAULT_SIGNATURE = "serving_default"
 BYTES_SIGNATURE = "serving_bytes"
@@ -44,14 +57,12 @@ BYTES_INPUT = "image_bytes"
 OUTPUTS = ("probabilities", "class_ids", "class_names")
 LABELS_FILE = "labels.txt"
 MODEL_CARD_FILE = "model_card.json"
-TMP_PREFIX = ".tmp-"
-OLD_PREFIX = ".old-"
 # The run's summary.json entries an export's model card repeats under "metrics".
 RUN_METRICS = ("status", "epochs_done", "best_epoch", "best_val_accuracy", "test_loss",
                "test_accuracy", "precision", "parameters")
 
 # Leading bytes of the formats tf.io.decode_image reads.
-_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
+MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
 
 
 class ExportError(ValueError):
@@ -75,10 +86,6 @@ def next_version(model_root: str) -> int:
     """The next free version: one more than the newest, 1 for a new model."""
     versions = list_versions(model_root)
     return versions[-1] + 1 if versions else 1
-
-
-def is_saved_model(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "saved_model.pb"))
 
 
 def resolve_export(path: str) -> str:
@@ -121,7 +128,7 @@ def _resize(images, height: int, width: int):
 
 def _known_format(data):
     import tensorflow as tf
-    return tf.reduce_any(tf.stack([tf.equal(tf.strings.substr(data, 0, len(m)), m) for m in _MAGIC]))
+    return tf.reduce_any(tf.stack([tf.equal(tf.strings.substr(data, 0, len(m)), m) for m in MAGIC]))
 
 
 def _decode_one(data, index, height: int, width: int):
@@ -136,6 +143,30 @@ def _decode_one(data, index, height: int, width: int):
     image = tf.image.convert_image_dtype(image, tf.float32)
     image = tf.ensure_shape(image, [None, None, 3])
     return _resize(image[None], height, width)[0]
+
+
+def _checked_images(images):
+    """`images` once they are proven RGB and free of NaN: InvalidArgumentError otherwise.
+
+    A signature's input shape is not enforced by TensorFlow when a request
+    arrives, and a 1-channel batch would be broadcast by the normalization
+    into a plausible but meaningless answer. The channel count is checked
+    through `tf.size` (the static shape says 3, so a check on `tf.shape(images)[3]`
+    could be folded away), and NaN or infinite pixels would come back as NaN
+    probabilities without a word.
+    """
+    import tensorflow as tf
+    shape = tf.shape(images, out_type=tf.int64)
+    rgb = tf.debugging.Assert(
+        tf.equal(tf.size(images, out_type=tf.int64), tf.reduce_prod(shape[:3]) * 3),
+        [f"{DEFAULT_SIGNATURE}: {IMAGES_INPUT} must be RGB, [batch, height, width, 3]; got a batch "
+         "of shape", shape], summarize=4)
+    with tf.control_dependencies([rgb]):
+        finite = tf.debugging.Assert(
+            tf.reduce_all(tf.math.is_finite(images)),
+            [f"{DEFAULT_SIGNATURE}: images contain NaN or infinite pixels; send values in [0, 1]"])
+    with tf.control_dependencies([rgb, finite]):
+        return tf.identity(images)
 
 
 def build_serving_module(model, labels_file: str, image_size: tuple[int, int]):
@@ -172,7 +203,7 @@ def build_serving_module(model, labels_file: str, image_size: tuple[int, int]):
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name=IMAGES_INPUT)])
     def serving_default(images):
-        return outputs(images)
+        return outputs(_checked_images(images))
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=BYTES_INPUT)])
     def serving_bytes(image_bytes):
@@ -207,10 +238,6 @@ def _image_size(model, image_size) -> tuple[int, int]:
 # ------------------------------------------------------------------ writing versions
 
 
-def _remove(path: str) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-
-
 def export_model(model, labels: Sequence[str], export_root: str, name: str,
                  version: Optional[int] = None, card: Optional[dict] = None, *,
                  overwrite: bool = False, image_size=None) -> str:
@@ -240,18 +267,25 @@ def export_model(model, labels: Sequence[str], export_root: str, name: str,
     pinned = version is not None
     version = _check_version(model_root, version, overwrite=overwrite)
     created_root = not os.path.isdir(model_root)
-    os.makedirs(model_root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=TMP_PREFIX, dir=model_root)
+    tmp = None
     try:
+        os.makedirs(model_root, exist_ok=True)
+        remove_leftovers(model_root)
+        tmp = tempfile.mkdtemp(prefix=TMP_PREFIX + writer_tag(), dir=model_root)
         _write_saved_model(model, labels, (height, width), tmp)
         _write_model_card(tmp, _model_card(model, labels, (height, width), card))
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; servers may run as another user
         return _publish(tmp, model_root, version, pinned=pinned, overwrite=overwrite)
-    except BaseException:
-        _remove(tmp)
+    except BaseException as e:
+        if tmp:
+            remove(tmp)
         if created_root:
             with contextlib.suppress(OSError):
                 os.rmdir(model_root)  # only if still empty
+        if disk_full(e):
+            raise errors.TransientError(
+                f"the disk is full while exporting into {model_root} ({' '.join(str(e).split())[:120]}); "
+                "nothing was published: free space and run the export again") from e
         raise
 
 
@@ -301,7 +335,7 @@ def _write_saved_model(model, labels: list[str], image_size: tuple[int, int], di
         tf.saved_model.save(module, directory, signatures={DEFAULT_SIGNATURE: module.serving_default,
                                                            BYTES_SIGNATURE: module.serving_bytes})
     finally:
-        _remove(staging)
+        remove(staging)
 
 
 def _model_card(model, labels: list[str], image_size: tuple[int, int],
@@ -339,7 +373,9 @@ def _publish(tmp: str, model_root: str, version: int, *, pinned: bool, overwrite
         target = os.path.join(model_root, str(version))
         if not os.path.exists(target):
             try:
+                rundir.fault_point("export_before_rename")
                 os.rename(tmp, target)
+                rundir.fault_point("export_after_rename")
                 return target
             except OSError:
                 if not os.path.exists(target):
@@ -350,15 +386,17 @@ def _publish(tmp: str, model_root: str, version: int, *, pinned: bool, overwrite
             continue
         if not overwrite:
             raise ExportError(f"{target} already exists; pass --overwrite to replace it.")
-        aside = tempfile.mkdtemp(prefix=f"{OLD_PREFIX}{version}-", dir=model_root)
+        aside = tempfile.mkdtemp(prefix=f"{OLD_PREFIX}{version}-{writer_tag()}", dir=model_root)
         os.rename(target, os.path.join(aside, "old"))
         try:
+            rundir.fault_point("export_moved_aside")
             os.rename(tmp, target)
+            rundir.fault_point("export_after_rename")
         except BaseException:
             os.rename(os.path.join(aside, "old"), target)
-            _remove(aside)
+            remove(aside)
             raise
-        _remove(aside)
+        remove(aside)
         return target
 
 
@@ -392,8 +430,7 @@ def export_run(model_dir: str, *, export_root: str = "saved_models", name: Optio
     dataset = (config.get("data") or {}).get("dataset") or summary.get("dataset") or "data"
 
     import keras
-    from pipeline.models import load_model
-    model = load_model(filename)
+    model = _load_checkpoint(filename)
     card = {
         "model": model_name,
         "dataset": dataset,
@@ -413,3 +450,18 @@ def export_run(model_dir: str, *, export_root: str = "saved_models", name: Optio
         size = image_size
     return export_model(model, labels, export_root, name or rundir.run_name(model_name, dataset),
                         version, card, overwrite=overwrite, image_size=size)
+
+
+def _load_checkpoint(filename: str):
+    """The Keras model in `filename`; ExportError naming the file if it cannot be read."""
+    from pipeline.models import load_model
+    try:
+        return load_model(filename)
+    except Exception as e:  # a truncated zip, a bad config, missing weights: Keras raises many kinds
+        if disk_full(e):
+            raise errors.TransientError(f"the disk is full while reading {filename}: {e}") from e
+        # Keras says "File not found" for a .keras file that is not a zip (a truncated write).
+        reason = (errors.short_reason(e, 120) if zipfile.is_zipfile(filename)
+                  else "not a complete .keras file: truncated or overwritten")
+        raise ExportError(f"checkpoint {filename} is corrupt or unreadable ({reason}); export "
+                          "another one (--checkpoint=best or last) or train it again") from e

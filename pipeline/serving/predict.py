@@ -6,12 +6,19 @@ and no pipeline model code is involved, so the answer is the server's answer.
 `print_predictions` prints one line per image (`as_json`: one JSON object per
 line). An image the model cannot decode is reported on stderr, the others are
 still classified, and it counts as a failure (the command then exits with 1).
+A directory stands for the image files under it, recursively (by extension,
+as `folder:` datasets read them; hidden files and folders are skipped). Every
+file is decoded here first, so a file TensorFlow cannot read is named without
+the signature failing (and without TensorFlow's C++ error lines on stderr).
 """
 import json
 import os
+import re
 import sys
 
-from pipeline.serving.export import BYTES_SIGNATURE, LABELS_FILE, resolve_export
+from pipeline import errors
+
+from pipeline.serving.export import BYTES_SIGNATURE, LABELS_FILE, MAGIC, resolve_export
 
 
 class PredictError(ValueError):
@@ -59,18 +66,48 @@ def predict_files(signature, files, *, batch_size=32):
         return signature(image_bytes=tf.constant(data, dtype=tf.string))["probabilities"].numpy()
 
     for start in range(0, len(files), batch_size):
-        chunk = files[start:start + batch_size]
+        names = files[start:start + batch_size]
+        problems = [_decode_error(name) for name in names]
+        answers = [None] * len(names)
+        good = [i for i, problem in enumerate(problems) if problem is None]
         try:
-            probabilities = call(chunk)
+            for i, p in zip(good, call([names[i] for i in good]) if good else []):
+                answers[i] = p
         except tf.errors.InvalidArgumentError as e:
-            if len(chunk) == 1:
-                yield chunk[0], None, _first_line(e.message)
-            else:
-                for name in chunk:
-                    yield from predict_files(signature, [name], batch_size=1)
-            continue
-        for name, p in zip(chunk, probabilities):
-            yield name, p, None
+            if len(good) == 1:
+                problems[good[0]] = _first_line(e.message)
+            else:  # one image the checks let through fails: find it, answer the others
+                for i in good:
+                    _, answers[i], problems[i] = next(predict_files(signature, [names[i]]))
+        yield from zip(names, answers, problems)
+
+
+def _decode_error(name: str):
+    """Why `name` cannot be decoded as the `serving_bytes` signature decodes it, or None.
+
+    Checked in Python (the signature's format check, then a full decode by
+    PIL) because any failing TensorFlow op, eager ones too, also prints the
+    C++ "Local rendezvous is aborting" lines; a file PIL reads and TensorFlow
+    does not is still named, by the signature's own error.
+    """
+    import io
+
+    from PIL import Image
+    try:
+        with open(name, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        return f"the image could not be read: {e.strerror or e}"
+    if not data.startswith(MAGIC):
+        return _first_line("could not be decoded")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except Image.UnidentifiedImageError:
+        return "the image could not be decoded: the file is corrupt"
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
+        return f"the image could not be decoded: {errors.short_reason(e, 120)}"
+    return None
 
 
 def _first_line(message: str) -> str:
@@ -81,8 +118,45 @@ def _first_line(message: str) -> str:
             return "the image could not be decoded (not a JPEG, PNG, BMP or GIF file)"
     for line in lines:
         if "Invalid" in line or "format" in line or "corrupt" in line.lower():
+            line = re.sub(r"\{\{[^}]*\}\}|\[Op:[^]]*\]", "", line).strip()  # TF's node names
             return f"the image could not be decoded: {line}"
     return "the image could not be decoded"
+
+
+def image_files(paths) -> list:
+    """`paths` with every directory replaced by its image files (recursively, sorted).
+
+    Raises:
+      FileNotFoundError: a path does not exist.
+      PredictError: a directory holds no image file.
+    """
+    files = []
+    for path in paths:
+        if os.path.isfile(path):
+            files.append(path)
+        elif os.path.isdir(path):
+            found = _images_under(path)
+            if not found:
+                raise PredictError(f"directory {path!r} holds no image files "
+                                   f"({', '.join(_extensions())})")
+            files.extend(found)
+        else:
+            raise FileNotFoundError(f"image {path!r} does not exist")
+    return files
+
+
+def _extensions():
+    from pipeline.data.folder import IMAGE_EXTENSIONS
+    return IMAGE_EXTENSIONS
+
+
+def _images_under(directory: str) -> list:
+    found = []
+    for root, dirs, names in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found.extend(os.path.join(root, n) for n in sorted(names)
+                     if not n.startswith(".") and n.lower().endswith(_extensions()))
+    return found
 
 
 def print_predictions(export: str, files, *, top_k: int = 3, as_json: bool = False,
@@ -94,9 +168,7 @@ def print_predictions(export: str, files, *, top_k: int = 3, as_json: bool = Fal
     """
     if not files:
         raise PredictError("no images given: python -m pipeline.predict --export=<export> IMAGE...")
-    for name in files:
-        if not os.path.isfile(name):
-            raise FileNotFoundError(f"image {name!r} does not exist")
+    files = image_files(files)
     _, _loaded, signature, labels = load_signature(export)
     failed = 0
     for name, probabilities, error in predict_files(signature, files, batch_size=batch_size):

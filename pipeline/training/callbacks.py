@@ -2,10 +2,12 @@
 
 Order matters and is fixed by the trainer (`trainer._callbacks`): EpochStats adds
 `lr`, `epoch_seconds` and `images_per_second` to the epoch logs first, then
-RunCheckpoint saves the weights, appends the metrics row and only then commits
-`state.json`. A crash at any point therefore resumes from the last epoch whose
-checkpoint *and* metrics row both exist, and `MetricsLog.truncate` drops any
-row written after it: every epoch appears in metrics.csv exactly once.
+RunCheckpoint saves the epoch's checkpoint under its own name, appends the
+metrics row and only then commits `state.json` naming that checkpoint
+(`rundir.commit_epoch`). A kill at any point therefore resumes from the last
+committed epoch with its own weights and optimizer state, and
+`MetricsLog.truncate` drops any row written after it: every epoch appears in
+metrics.csv exactly once.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import os
 import time
 
 import keras
+import numpy as np
 
 from pipeline import rundir
 
@@ -84,12 +87,30 @@ class TrainingDiverged(FloatingPointError):
     """The loss became NaN or infinite; the best checkpoint is kept."""
 
 
+def weights_finite(model) -> bool:
+    """Whether every floating-point weight of `model` (variables, BatchNorm statistics) is finite."""
+    for weight in model.weights:
+        value = np.asarray(keras.ops.convert_to_numpy(weight))
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            return False
+    return True
+
+
+def epoch_diverged(logs: dict, model) -> bool:
+    """A non-finite training or validation loss, or a non-finite weight: the epoch must not be kept."""
+    for key in ("loss", "val_loss"):
+        if key in logs and (logs[key] is None or not math.isfinite(float(logs[key]))):
+            return True
+    return logs.get("loss") is None or not weights_finite(model)
+
+
 class RunCheckpoint(keras.callbacks.Callback):
-    """Saves last and best checkpoints, writes metrics rows, commits state.json.
+    """Saves each epoch's checkpoint, writes metrics rows, commits state.json naming last and best.
 
     The best checkpoint is chosen by `monitor` (max mode); a tie goes to the
-    later epoch (`>=`), which has trained longer. A non-finite loss stops
-    training *before* anything is saved, so no NaN weights overwrite `last`.
+    later epoch (`>=`), which has trained longer. A non-finite loss or
+    val_loss, or a non-finite weight, stops training *before* anything is
+    saved, so the kept checkpoints are always finite.
 
     Args:
       model_dir: the run directory.
@@ -106,24 +127,21 @@ class RunCheckpoint(keras.callbacks.Callback):
         self.state = dict(state or {"epochs_done": 0, "best_value": None, "best_epoch": None})
         self.metrics = MetricsLog(rundir.path(model_dir, rundir.METRICS_FILE))
         self.diverged_at = None
-        self.last_path = rundir.checkpoint_file(model_dir, "last")
-        self.best_path = rundir.checkpoint_file(model_dir, "best")
-        self.state_path = rundir.path(model_dir, rundir.CHECKPOINT_DIR, rundir.STATE_FILE)
 
     def on_epoch_end(self, epoch, logs=None):
         logs = dict(logs or {})
-        loss = logs.get("loss")
-        if loss is None or not math.isfinite(float(loss)):
+        if epoch_diverged(logs, self.model):
             self.diverged_at = epoch + 1
             self.model.stop_training = True
             return
         number = epoch + 1
         value = logs.get(self.monitor)
-        rundir.save_model_atomic(self.model, self.last_path)
-        best = self.state.get("best_value")
-        if value is not None and rundir.improves(float(value), best, self.monitor):
-            rundir.copy_atomic(self.last_path, self.best_path)  # the same model: no second save
-            self.state.update(best_value=float(value), best_epoch=number)
+        filename = rundir.epoch_checkpoint(self.model_dir, number)
+        rundir.save_model_atomic(self.model, filename)
+        rundir.fault_point("after_checkpoint")
+        state = dict(self.state, epochs_done=number, last_checkpoint=os.path.basename(filename))
+        if value is not None and rundir.improves(float(value), state.get("best_value"), self.monitor):
+            state.update(best_value=float(value), best_epoch=number, best_checkpoint=state["last_checkpoint"])
         self.metrics.append({"epoch": number, **logs})
-        self.state["epochs_done"] = number
-        rundir.write_json_atomic(self.state_path, self.state)
+        rundir.commit_epoch(self.model_dir, state)
+        self.state = state

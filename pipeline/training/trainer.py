@@ -9,7 +9,9 @@ the data, the step budget, the inputs, the model, the callbacks, the phases
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import os
 import shutil
 import sys
@@ -22,7 +24,7 @@ import tensorflow as tf
 from absl import logging
 
 from pipeline import config as cfg
-from pipeline import data, rundir
+from pipeline import data, errors, rundir, validation
 from pipeline.data.augment import mixup
 from pipeline.models import create_model, weights_provenance
 from pipeline.models.pretrained import set_backbone_trainable
@@ -124,24 +126,32 @@ def train(run: cfg.RunConfig, *, datasets=None, model=None, extra_callbacks=()) 
 
     Raises:
       TrainingDiverged: the loss became NaN; the best checkpoint is kept.
-      rundir.RunDirError, DataError, ValueError: bad input, before training.
+      rundir.RunDirError, DataError, ValueError: bad input, before training
+        (also: the run directory is locked by another process, or its last
+        checkpoint is unreadable or of another model).
+      errors.RunInterrupted: Ctrl-C; summary.json says "interrupted".
+      errors.TransientError: the disk filled up while writing the run.
     """
     wall_start = time.time()
     t = run.train
     strategy, strategy_name = distribute.resolve_strategy(t.strategy, tpu=t.tpu)
     role = distribute.worker_role(strategy)
     distribute.per_replica_batch(run.data.batch_size, strategy.num_replicas_in_sync)
-    if role.is_chief or run.resume:
-        rundir.prepare(run.model_dir, resume=run.resume)  # non-chiefs only check (resume)
+    lock = None
+    if role.is_chief or run.resume:  # non-chiefs only check (resume), and take no lock
+        lock = rundir.prepare(run.model_dir, resume=run.resume, config=cfg.to_dict(run), lock=role.is_chief)
     job = _Job(run, strategy, strategy_name, role, run.model_dir, wall_start)
     if role.is_chief:
-        return _train(job, datasets=datasets, model=model, extra_callbacks=extra_callbacks)
+        try:
+            return _train(job, datasets=datasets, model=model, extra_callbacks=extra_callbacks)
+        finally:
+            lock.release()
     job.write_dir = tempfile.mkdtemp(prefix=f"pipeline-{role.task_type}{role.task_id}-")
     print(f"{role.task_type} {role.task_id} of {role.num_workers} tasks: the chief writes "
           f"{run.model_dir}; this task's copies go to {job.write_dir} (removed at the end)", flush=True)
     try:
         if run.resume:  # start from the chief's best too, so every task evaluates the same weights
-            best = rundir.checkpoint_file(run.model_dir, "best")
+            best = rundir.committed_checkpoint(run.model_dir, "best")
             if os.path.exists(best):
                 os.makedirs(rundir.path(job.write_dir, rundir.CHECKPOINT_DIR), exist_ok=True)
                 shutil.copyfile(best, rundir.checkpoint_file(job.write_dir, "best"))
@@ -174,6 +184,7 @@ def _train(job: _Job, *, datasets, model, extra_callbacks) -> TrainResult:
     datasets, drop_remainder = _datasets(job, datasets)
     budget = phases.step_budget(t, num_train=datasets.num_train, batch_size=run.data.batch_size,
                                 drop_remainder=drop_remainder)
+    validation.check_against_data(run, datasets.num_train, budget.epochs)  # before any build or write
     _write_run_files(run, datasets, job.write_dir)
     num_classes = len(datasets.class_names)
     train_ds = datasets.train.repeat() if t.steps_per_epoch else datasets.train
@@ -186,24 +197,58 @@ def _train(job: _Job, *, datasets, model, extra_callbacks) -> TrainResult:
     job.weights = weights_provenance(run.model.name, run.model.weights)
     checkpoint = cbs.RunCheckpoint(job.write_dir, monitor=monitor, state=state)
     callbacks = _callbacks(job, datasets, budget, checkpoint, extra_callbacks)
-    _write_summary(job, datasets, model, status="running", state=state)
     runner = loop_lib.Loop(model, job.strategy, label_smoothing=t.label_smoothing)
-    _run_phases(job, runner, model, budget, callbacks, checkpoint, train_ds, val_ds)
+
+    begun = []
+
+    def started():  # after a resume loaded its checkpoint: only now does the run directory change
+        begun.append(True)
+        if job.role.is_chief and run.resume:
+            cbs.MetricsLog(rundir.path(run.model_dir, rundir.METRICS_FILE)).truncate(state["epochs_done"])
+        _write_summary(job, datasets, model, status="running", state=state)
+    with _one_line_faults(job, checkpoint, lambda: begun and _write_summary(
+            job, datasets, model, status="interrupted", state=checkpoint.state)):
+        _run_phases(job, runner, model, budget, callbacks, checkpoint, (train_ds, val_ds), started)
     state = checkpoint.state
     test = _test_evaluation(job, runner, model, datasets, state)
     status = "diverged" if checkpoint.diverged_at else "completed"
     summary = _write_summary(job, datasets, model, status=status, state=state, test=test)
     if checkpoint.diverged_at:
+        kept = (f"The best checkpoint (epoch {state['best_epoch']}) is kept in "
+                f"{rundir.path(run.model_dir, rundir.CHECKPOINT_DIR)}." if state["best_epoch"] is not None
+                else "No epoch finished with finite weights, so no checkpoint is kept.")
         raise TrainingDiverged(
-            f"Loss became NaN or infinite in epoch {checkpoint.diverged_at}; training stopped. "
-            f"The best checkpoint (epoch {state['best_epoch']}) is kept in "
-            f"{rundir.path(run.model_dir, rundir.CHECKPOINT_DIR)}. "
+            f"Loss became NaN or infinite in epoch {checkpoint.diverged_at}; training stopped. {kept} "
             "Lower --learning_rate or add --warmup_epochs.")
     if job.role.is_chief:
         print(f"run directory: {run.model_dir}", flush=True)
     return TrainResult(run.model_dir, status, state["epochs_done"], state["best_epoch"],
                        state["best_value"], monitor, test[0], test[1], job.policy, summary,
                        is_chief=job.role.is_chief)
+
+
+@contextlib.contextmanager
+def _one_line_faults(job: _Job, checkpoint, record_interrupted):
+    """Ctrl-C and a full disk during training as one line naming the command that continues.
+
+    Ctrl-C records "interrupted" in summary.json (`record_interrupted`) and
+    raises errors.RunInterrupted; ENOSPC raises errors.TransientError. The
+    last committed epoch is kept either way.
+    """
+    resume = rundir.resume_command(job.run.model_dir, job.run.flags_text)
+    try:
+        yield
+    except errors.RunInterrupted:
+        raise
+    except KeyboardInterrupt:
+        record_interrupted()
+        raise errors.RunInterrupted(f"interrupted after epoch {checkpoint.state['epochs_done']}; "
+                                    f"resume with: {resume}") from None
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise errors.TransientError(f"disk full while writing {e.filename}; free space and resume with: "
+                                    f"{resume}") from None
 
 
 def _distribution(job: _Job) -> dict:
@@ -239,8 +284,6 @@ def _resume_state(job: _Job) -> dict:
     if not run.resume:
         return {"epochs_done": 0, "best_value": None, "best_epoch": None}
     state = rundir.read_json(rundir.path(run.model_dir, rundir.CHECKPOINT_DIR, rundir.STATE_FILE))
-    if job.role.is_chief:
-        cbs.MetricsLog(rundir.path(run.model_dir, rundir.METRICS_FILE)).truncate(state["epochs_done"])
     print(f"resuming {run.model_dir} after epoch {state['epochs_done']}", flush=True)
     return state
 
@@ -288,18 +331,34 @@ def _compile_phase(job: _Job, model, phase: phases.Phase, budget: phases.StepBud
         compile_model(model, optimizer, t)
         if restore:
             model.optimizer.build(model.trainable_variables)
-            model.load_weights(rundir.checkpoint_file(job.run.model_dir, "last"))
+            _restore(model, job.run.model_dir)
 
 
-def _run_phases(job: _Job, runner, model, budget: phases.StepBudget, callbacks, checkpoint, train_ds, val_ds):
-    """Train every phase not finished yet, epoch by epoch, until done, stopped or diverged."""
+def _restore(model, model_dir: str) -> None:
+    """Load the committed last checkpoint (weights and optimizer); one line if it cannot be read."""
+    filename = rundir.committed_checkpoint(model_dir, "last")
+    try:
+        model.load_weights(filename)
+    except Exception as e:  # a truncated zip, another architecture: Keras's messages run to 200 lines
+        raise rundir.RunDirError(f"Cannot resume {model_dir!r}: its last checkpoint {filename} does not load "
+                                 f"({errors.short_reason(e, 160)}); start a new run in another --model_dir."
+                                 ) from None
+
+
+def _run_phases(job: _Job, runner, model, budget: phases.StepBudget, callbacks, checkpoint, datasets,
+                started):
+    """Train every phase not finished yet, epoch by epoch, until done, stopped or diverged.
+
+    `started()` is called once, after the first phase is compiled (and, on resume, restored).
+    """
     t = job.run.train
+    train_ds, val_ds = datasets
     train_dist, val_dist = runner.distribute(train_ds), runner.distribute(val_ds)
     verbose = t.verbose if t.verbose is not None else (1 if sys.stdout.isatty() else 2)
     callback_list = loop_lib.callback_list(callbacks, model=model, epochs=budget.epochs,
                                            steps=budget.steps_per_epoch, verbose=verbose)
     model.stop_training = False
-    restore, started, logs = job.run.resume, False, None
+    restore, begun, logs = job.run.resume, False, None
     try:
         for phase in phases.plan_phases(t, budget.epochs):
             if phase.end <= checkpoint.state["epochs_done"]:
@@ -307,9 +366,10 @@ def _run_phases(job: _Job, runner, model, budget: phases.StepBudget, callbacks, 
             _compile_phase(job, model, phase, budget, restore=restore)
             restore = False
             runner.set_optimizer(model.optimizer)
-            if not started:
+            if not begun:
+                started()
                 callback_list.on_train_begin()
-                started = True
+                begun = True
             for epoch in range(max(phase.start, checkpoint.state["epochs_done"]), phase.end):
                 logs = runner.train_epoch(epoch, train_dist, callbacks=callback_list,
                                           steps_per_epoch=budget.steps_per_epoch, validation=val_dist,
@@ -320,7 +380,7 @@ def _run_phases(job: _Job, runner, model, budget: phases.StepBudget, callbacks, 
             model.optimizer.finalize_variable_values(model.trainable_variables)
             if checkpoint.diverged_at or model.stop_training:
                 break
-        if started:
+        if begun:
             callback_list.on_train_end(logs)
     except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.DeadlineExceededError):
         workers = job.role.num_workers
