@@ -125,6 +125,17 @@ def best_row(rows, metric: str) -> dict | None:
     return best
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host (another user's process counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's
+    return True
+
+
 def fault_point(name: str) -> None:
     """SIGKILL this process here if `$PIPELINE_FAULT` names this point (fault-injection tests only).
 
@@ -262,13 +273,7 @@ class RunLock:
         if "pid" not in fields or fields["pid"] == str(os.getpid()):
             return False
         if fields.get("host") == socket.gethostname():
-            try:
-                os.kill(int(fields["pid"]), 0)
-            except (ProcessLookupError, ValueError):
-                return False
-            except PermissionError:
-                pass  # alive, another user's
-            return True
+            return fields["pid"].isdigit() and process_alive(int(fields["pid"]))
         return time.time() - os.fstat(self._fd).st_mtime < self.STALE_SECONDS
 
     def release(self) -> None:

@@ -20,6 +20,8 @@ import os
 import shutil
 import socket
 
+from pipeline import rundir
+
 TMP_PREFIX = ".tmp-"
 OLD_PREFIX = ".old-"
 FAULT_POINTS = ("export_before_rename", "export_moved_aside", "export_after_rename")
@@ -44,13 +46,7 @@ def writer_gone(tag: str) -> bool:
     pid, _, rest = tag.partition("@")
     if not pid.isdigit() or "-" not in rest or rest.rsplit("-", 1)[0] != socket.gethostname():
         return False  # another host's (or an unknown) writer: never ours to judge
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        pass  # alive, as another user
-    return False
+    return not rundir.process_alive(int(pid))
 
 
 def remove_leftovers(model_root: str) -> list[str]:
