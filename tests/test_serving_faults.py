@@ -162,8 +162,8 @@ def test_next_export_removes_only_the_leftovers_of_dead_writers(model, tmp_path)
         os.makedirs(os.path.join(model_root, name, "variables"))
     path = export.export_model(model, LABELS, root, "m")
     assert path == os.path.join(model_root, "2")
-    assert entries(model_root) == [f".tmp-{alive}@{host}-busy", f".tmp-{gone}@elsewhere-w2",
-                                   ".tmp-legacy", "1", "2"]
+    assert entries(model_root) == sorted([f".tmp-{alive}@{host}-busy", f".tmp-{gone}@elsewhere-w2",
+                                          ".tmp-legacy", "1", "2"])  # as listed: PIDs sort as text
     assert export.read_model_card(os.path.join(model_root, "1"))["marker"] == "v1"  # put back
 
 
