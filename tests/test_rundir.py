@@ -270,8 +270,28 @@ def test_commit_names_its_checkpoint_and_removes_killed_leftovers(tmp_path):
 def _train_cli(model_dir, *args, fault=None):
     env = {rundir.FAULT_ENV: fault} if fault else {}
     return run_cli("train", *FAST, "--epochs=4", "--steps_per_epoch=1", "--width_multiplier=0.25",
-                   "--notensorboard", f"--model_dir={model_dir}", *args, env=env,
+                   "--notensorboard", "--deterministic", "--augment=cifar", "--mixup_alpha=0.2",
+                   f"--model_dir={model_dir}", *args, env=env,
                    check=fault is None)
+
+
+def _learning_curves(model_dir):
+    """metrics.csv without its timings."""
+    return [{k: v for k, v in row.items() if k not in ("epoch_seconds", "images_per_second")}
+            for row in rundir.read_metrics(model_dir)]
+
+
+def test_resumed_full_pass_epochs_equal_an_uninterrupted_run(tmp_path):
+    """Epochs that read the split once (no --steps_per_epoch): resuming after epoch 1 changes nothing."""
+    def run(model_dir, epochs, resume=False):
+        r = tiny_run(model_dir, epochs=epochs, resume=resume, deterministic=True, mixup_alpha=0.2)
+        r = dataclasses.replace(r, data=dataclasses.replace(r.data, augment="cifar", batch_size=256),
+                                train=dataclasses.replace(r.train, steps_per_epoch=None))
+        trainer.train(r)
+    run(tmp_path / "whole", 2)
+    run(tmp_path / "resumed", 1)
+    run(tmp_path / "resumed", 2, resume=True)
+    assert _learning_curves(tmp_path / "resumed") == _learning_curves(tmp_path / "whole")
 
 
 def test_kills_at_each_fault_point_resume_exactly(tmp_path):
@@ -279,9 +299,9 @@ def test_kills_at_each_fault_point_resume_exactly(tmp_path):
 
     Before, a kill after the checkpoint but before state.json repeated an
     epoch's optimizer steps; now each epoch's steps run once (iterations == 4).
-    Metrics are not compared with an uninterrupted run: the input pipeline's
-    position (shuffle order) is not part of a checkpoint, so a resumed epoch
-    sees other batches.
+    With --deterministic the metrics equal an uninterrupted run's exactly: each
+    epoch's batches (order, augmentation, MixUp) depend only on the seed and
+    the epoch (`data.TrainingStream`, `training.inputs`).
     """
     model_dir = str(tmp_path / "killed")
     for args, fault in [((), "after_checkpoint:2"), (("--resume",), "inside_state:2"),
@@ -290,6 +310,9 @@ def test_kills_at_each_fault_point_resume_exactly(tmp_path):
         if fault:
             assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert [r["epoch"] for r in rundir.read_metrics(model_dir)] == [1, 2, 3, 4]
+    whole = str(tmp_path / "whole")
+    _train_cli(whole)
+    assert _learning_curves(model_dir) == _learning_curves(whole)
     for which in ("last", "best"):
         model = keras.saving.load_model(rundir.checkpoint_file(model_dir, which))
         assert all(np.isfinite(keras.ops.convert_to_numpy(w)).all() for w in model.weights)

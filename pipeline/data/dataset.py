@@ -7,7 +7,8 @@ model: `Datasets.mean` / `Datasets.std` are handed to models so they can.
 Pipeline (tf.data performance guide): source -> parallel decode (+ resize of
 variable-size images so the shorter side is the largest size augmentation
 needs) -> cache (uint8, when `cache` and it fits in `CACHE_LIMIT_BYTES`) ->
-shuffle(seed) -> augmentation (train, per-example stateless seeds) or
+shuffle(seed of the pass) -> augmentation (train, per-example stateless seeds
+from the pass and the example's position: `TrainingStream`) or
 `eval_transform` (val/test) -> batch -> prefetch.
 """
 from __future__ import annotations
@@ -39,7 +40,9 @@ class Datasets:
     """What `load_dataset` returns.
 
     Attributes:
-      train: batched, shuffled, augmented `(image float32 [B,H,W,3] in [0,1], label int32 [B])`.
+      train: batched, shuffled, augmented `(image float32 [B,H,W,3] in [0,1], label int32 [B])`:
+        the first pass of `stream` (the same order every time it is read).
+      stream: the training split per epoch (`TrainingStream`), what training reads.
       val, test: batched with `eval_transform`; None when the source has no such split.
       class_names: label index -> name.
       num_train, num_val, num_test: examples per split (0 for a missing split).
@@ -61,6 +64,7 @@ class Datasets:
     std: Tuple[float, float, float]
     name: str
     num_skipped: int = 0
+    stream: Optional["TrainingStream"] = None
 
     @property
     def num_classes(self) -> int:
@@ -103,49 +107,107 @@ def _mean_std(split: Split, base_size: int) -> Tuple[Tuple[float, ...], Tuple[fl
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
-def _pipeline(
-    split: Split,
-    source: Source,
-    config: DataConfig,
-    *,
-    training: bool,
-    image_size: int,
-    resize_size: Optional[int],
-    base_size: int,
-) -> tf.data.Dataset:
+def _finish(ds: tf.data.Dataset, batch_size: int, drop_remainder: bool) -> tf.data.Dataset:
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(AUTOTUNE)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = SHARD_POLICY
+    return ds.with_options(options)
+
+
+def _cached(split: Split, source: Source, config: DataConfig, base_size: int) -> bool:
+    """Whether the decoded split fits the in-memory cache (and is worth caching)."""
     stored = source.native_size or base_size
     est_bytes = split.size * stored * stored * 3 * source.bytes_per_pixel
     if source.native_size is None:
         est_bytes = est_bytes * 4 // 3  # non-square images: the longer side is larger
-    cache = config.cache and not source.in_memory and est_bytes < CACHE_LIMIT_BYTES
-    buffer = max(1, min(config.shuffle_buffer, split.size))
+    return config.cache and not source.in_memory and est_bytes < CACHE_LIMIT_BYTES
 
-    ds = split.elements
-    if training and not cache:  # shuffle cheap items (paths, encoded bytes) before decoding
-        ds = ds.shuffle(buffer, seed=config.seed, reshuffle_each_iteration=True)
-    ds = _decoded(dataclasses.replace(split, elements=ds), base_size)
-    if cache:
+
+def _eval_pipeline(split: Split, source: Source, config: DataConfig, *, image_size: int,
+                   resize_size: Optional[int], base_size: int) -> tf.data.Dataset:
+    """Validation/test: decode (cache), `eval_transform`, batch; never drops a remainder."""
+    ds = _decoded(split, base_size)
+    if _cached(split, source, config, base_size):
         ds = ds.cache()
-    if training:
-        if cache:
-            ds = ds.shuffle(buffer, seed=config.seed, reshuffle_each_iteration=True)
-        aug = augment.get_augmentation(config.augment, image_size, resize_size)
-        seeds = tf.data.Dataset.random(seed=config.seed, rerandomize_each_iteration=True).batch(
-            2, drop_remainder=True
-        )
-        ds = tf.data.Dataset.zip((ds, seeds)).map(
-            lambda example, seed: (aug(_to_float(example[0]), seed), example[1]),
-            num_parallel_calls=AUTOTUNE,
-        )
-    else:
-        transform = augment.eval_transform(image_size, resize_size)
-        ds = ds.map(lambda image, label: (transform(_to_float(image)), label), num_parallel_calls=AUTOTUNE)
-    # Eval never drops a remainder: every val/test example counts.
-    ds = ds.batch(config.batch_size, drop_remainder=config.drop_remainder and training)
-    ds = ds.prefetch(AUTOTUNE)
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = SHARD_POLICY
-    return ds.with_options(options)
+    transform = augment.eval_transform(image_size, resize_size)
+    ds = ds.map(lambda image, label: (transform(_to_float(image)), label), num_parallel_calls=AUTOTUNE)
+    return _finish(ds, config.batch_size, False)
+
+
+def pass_seed(seed: int, index: int) -> int:
+    """The shuffle seed of training pass `index` of a run seeded `seed`."""
+    return seed * 1_000_003 + index
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingStream:
+    """The training split as a pure function of (seed, epoch): what makes a resumed run exact.
+
+    Why: a `shuffle(reshuffle_each_iteration=True)` and a `Dataset.random`
+    draw their next epoch's order and augmentation seeds from state that lives
+    in the process, so a resumed process would replay epoch 1's batches in
+    epoch 5. Here pass `p` of the split is shuffled with `pass_seed(seed, p)`
+    and example `i` of it is augmented with the stateless seed `(pass seed, i)`,
+    so any pass can be rebuilt alone. The decoded split is cached once
+    (`cache()` is shared by every pass built on it).
+
+    Seeds are Python ints, passes are chained in Python: a tensor seed inside a
+    `flat_map` breaks `Dataset.shuffle` when the global seed is 0 (TF's
+    `get_seed` compares the pair to (0, 0) with a Python `==`).
+    """
+
+    elements: tf.data.Dataset  # decoded (and cached) examples, or undecoded items when `decode` is set
+    decode: Optional[object]  # item -> (image, label), applied after the shuffle when not cached
+    size: int
+    augmentation: object  # fn(image float [0, 1], seed [2]) -> image
+    seed: int
+    shuffle_buffer: int
+    batch_size: int
+    drop_remainder: bool
+
+    def _pass(self, index: int, skip: int = 0) -> tf.data.Dataset:
+        """Pass `index` unbatched and augmented, from its example `skip` on."""
+        seed = pass_seed(self.seed, index)
+        ds = self.elements.shuffle(max(1, min(self.shuffle_buffer, self.size)), seed=seed,
+                                   reshuffle_each_iteration=False)
+        if self.decode is not None:
+            ds = ds.map(self.decode, num_parallel_calls=AUTOTUNE)
+        ds = ds.enumerate()
+        if skip:
+            ds = ds.skip(skip)  # before decoding (cached) and augmentation: only reordering is repeated
+        aug = self.augmentation
+        return ds.map(lambda i, example: (aug(_to_float(example[0]), tf.stack([tf.constant(seed, tf.int64), i])),
+                                          example[1]),
+                      num_parallel_calls=AUTOTUNE)
+
+    def epoch(self, epoch: int) -> tf.data.Dataset:
+        """Batched pass `epoch` (0-based): an epoch that reads the split once."""
+        return _finish(self._pass(epoch), self.batch_size, self.drop_remainder)
+
+    def steps(self, epoch: int, steps_per_epoch: int) -> tf.data.Dataset:
+        """`--steps_per_epoch` epochs: full batches `epoch * steps_per_epoch` onwards of the passes laid end to end."""
+        examples = steps_per_epoch * self.batch_size
+        first, skip = divmod(epoch * examples, self.size)
+        last = (epoch * examples + examples - 1) // self.size
+        ds = self._pass(first, skip)
+        for index in range(first + 1, last + 1):
+            ds = ds.concatenate(self._pass(index))
+        return _finish(ds.take(examples), self.batch_size, True)
+
+
+def training_stream(split: Split, source: Source, config: DataConfig, *, image_size: int,
+                     resize_size: Optional[int], base_size: int) -> TrainingStream:
+    decode = None
+    elements = split.elements
+    if _cached(split, source, config, base_size):
+        elements = _decoded(split, base_size).cache()
+    elif split.decode is not None:  # shuffle cheap items (paths, encoded bytes) before decoding
+        split_decode = split.decode
+        decode = lambda *item: split_decode(*item, base_size)  # noqa: E731
+    return TrainingStream(elements=elements, decode=decode, size=split.size,
+                          augmentation=augment.get_augmentation(config.augment, image_size, resize_size),
+                          seed=config.seed, shuffle_buffer=config.shuffle_buffer,
+                          batch_size=config.batch_size, drop_remainder=config.drop_remainder)
 
 
 def _sizes(config: DataConfig, source: Source) -> Tuple[int, Optional[int]]:
@@ -208,14 +270,15 @@ def load_dataset(config: DataConfig) -> Datasets:
     base_size = max(image_size, resize_size or 0)
 
     mean, std = source.stats or _mean_std(source.train, base_size)
-    build = functools.partial(
-        _pipeline, source=source, config=config, image_size=image_size,
-        resize_size=resize_size, base_size=base_size,
-    )
+    sizes = dict(source=source, config=config, image_size=image_size, resize_size=resize_size,
+                 base_size=base_size)
+    build = functools.partial(_eval_pipeline, **sizes)
+    stream = training_stream(source.train, **sizes)
     return Datasets(
-        train=build(source.train, training=True),
-        val=build(source.val, training=False) if source.val else None,
-        test=build(source.test, training=False) if source.test else None,
+        train=stream.epoch(0),
+        val=build(source.val) if source.val else None,
+        test=build(source.test) if source.test else None,
+        stream=stream,
         class_names=list(source.class_names),
         num_train=source.train.size,
         num_val=source.val.size if source.val else 0,

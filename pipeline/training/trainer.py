@@ -25,11 +25,10 @@ from absl import logging
 
 from pipeline import config as cfg
 from pipeline import data, errors, rundir, validation
-from pipeline.data.augment import mixup
 from pipeline.models import create_model, weights_provenance
 from pipeline.models.pretrained import set_backbone_trainable
 from pipeline.training import callbacks as cbs
-from pipeline.training import distribute, phases, precision, tensorboard
+from pipeline.training import distribute, inputs, phases, precision, tensorboard
 from pipeline.training import loop as loop_lib
 from pipeline.training.evaluation import load_model_weights
 from pipeline.training.optimizers import head_variable_paths, make_optimizer
@@ -44,18 +43,6 @@ def compile_model(model, optimizer, t: cfg.TrainConfig):
         loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=t.label_smoothing),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
         jit_compile=False)
-
-
-def _one_hot(ds, num_classes, *, mixup_alpha=0.0, seed=0):
-    if ds is None:
-        return None
-    ds = ds.map(lambda x, y: (x, tf.one_hot(y, num_classes)), num_parallel_calls=tf.data.AUTOTUNE)
-    if mixup_alpha > 0:
-        counter = tf.data.Dataset.counter()
-        ds = tf.data.Dataset.zip((ds, counter)).map(
-            lambda xy, i: mixup(xy[0], xy[1], mixup_alpha, tf.stack([tf.cast(seed, tf.int64), i])),
-            num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE)
 
 
 @dataclasses.dataclass
@@ -187,10 +174,7 @@ def _train(job: _Job, *, datasets, model, extra_callbacks) -> TrainResult:
     validation.check_against_data(run, datasets.num_train, budget.epochs)  # before any build or write
     _write_run_files(run, datasets, job.write_dir)
     num_classes = len(datasets.class_names)
-    train_ds = datasets.train.repeat() if t.steps_per_epoch else datasets.train
-    train_ds = _one_hot(train_ds, num_classes, mixup_alpha=phases.mixup_alpha(t, budget, datasets.num_train),
-                        seed=t.seed)
-    val_ds = _one_hot(datasets.val, num_classes)
+    val_ds = inputs.one_hot(datasets.val, num_classes)
     monitor = "val_accuracy" if val_ds is not None else "accuracy"
     state = _resume_state(job)
     model = _model_in_scope(job, datasets, model)
@@ -198,6 +182,7 @@ def _train(job: _Job, *, datasets, model, extra_callbacks) -> TrainResult:
     checkpoint = cbs.RunCheckpoint(job.write_dir, monitor=monitor, state=state)
     callbacks = _callbacks(job, datasets, budget, checkpoint, extra_callbacks)
     runner = loop_lib.Loop(model, job.strategy, label_smoothing=t.label_smoothing)
+    train_data = inputs.epoch_data(t, runner, datasets, budget)
 
     begun = []
 
@@ -208,7 +193,7 @@ def _train(job: _Job, *, datasets, model, extra_callbacks) -> TrainResult:
         _write_summary(job, datasets, model, status="running", state=state)
     with _one_line_faults(job, checkpoint, lambda: begun and _write_summary(
             job, datasets, model, status="interrupted", state=checkpoint.state)):
-        _run_phases(job, runner, model, budget, callbacks, checkpoint, (train_ds, val_ds), started)
+        _run_phases(job, runner, model, budget, callbacks, checkpoint, (train_data, val_ds), started)
     state = checkpoint.state
     test = _test_evaluation(job, runner, model, datasets, state)
     status = "diverged" if checkpoint.diverged_at else "completed"
@@ -352,8 +337,8 @@ def _run_phases(job: _Job, runner, model, budget: phases.StepBudget, callbacks, 
     `started()` is called once, after the first phase is compiled (and, on resume, restored).
     """
     t = job.run.train
-    train_ds, val_ds = datasets
-    train_dist, val_dist = runner.distribute(train_ds), runner.distribute(val_ds)
+    train_data, val_ds = datasets
+    val_dist = runner.distribute(val_ds)
     verbose = t.verbose if t.verbose is not None else (1 if sys.stdout.isatty() else 2)
     callback_list = loop_lib.callback_list(callbacks, model=model, epochs=budget.epochs,
                                            steps=budget.steps_per_epoch, verbose=verbose)
@@ -371,10 +356,9 @@ def _run_phases(job: _Job, runner, model, budget: phases.StepBudget, callbacks, 
                 callback_list.on_train_begin()
                 begun = True
             for epoch in range(max(phase.start, checkpoint.state["epochs_done"]), phase.end):
-                logs = runner.train_epoch(epoch, train_dist, callbacks=callback_list,
+                logs = runner.train_epoch(epoch, train_data(epoch), callbacks=callback_list,
                                           steps_per_epoch=budget.steps_per_epoch, validation=val_dist,
-                                          validation_steps=loop_lib.steps_of(val_ds),
-                                          repeat=bool(t.steps_per_epoch))
+                                          validation_steps=loop_lib.steps_of(val_ds))
                 if model.stop_training:
                     break
             model.optimizer.finalize_variable_values(model.trainable_variables)
@@ -397,7 +381,7 @@ def _test_evaluation(job: _Job, runner, model, datasets, state) -> tuple:
     if datasets.test is None or state["best_epoch"] is None or not os.path.exists(best_path):
         return None, None
     load_model_weights(model, best_path)
-    test_ds = _one_hot(datasets.test, len(datasets.class_names))
+    test_ds = inputs.one_hot(datasets.test, len(datasets.class_names))
     test = runner.evaluate(runner.distribute(test_ds), steps=loop_lib.steps_of(test_ds))
     return test["loss"], test["accuracy"]
 
