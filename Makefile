@@ -14,7 +14,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-test: setup.cfg pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -e ".[test]"
+	$(BIN)/pip install -e ".[test,deploy]"
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed

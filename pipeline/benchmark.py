@@ -35,23 +35,27 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 from absl import app, flags  # noqa: E402
 
-from pipeline import cli, perf  # noqa: E402
-from pipeline.data.augment import AUGMENTATIONS  # noqa: E402
-from pipeline.training.precision import POLICIES  # noqa: E402
+from pipeline import cli  # noqa: E402
+
+
+def _whats():
+    from pipeline import perf
+    return perf.WHATS
+
 
 flags.DEFINE_string("model", "resnet20", "A registered model name (see pipeline.models.list_models).")
 flags.DEFINE_integer("batch_size", 128, "Batch size of every measurement.", lower_bound=1)
 flags.DEFINE_integer("image_size", None, "Square input size (default: the model's own).",
                      lower_bound=8)
-flags.DEFINE_enum("precision", "auto", list(POLICIES),
-                  "Keras dtype policy; auto = the fastest safe one on this machine.")
+cli.lazy_enum("precision", "auto", cli.precision_names,
+              "Keras dtype policy; auto = the fastest safe one on this machine.")
 flags.DEFINE_integer("steps", 30, "Timed steps (batches, or calls for predict).", lower_bound=2)
 flags.DEFINE_integer("warmup_steps", 5, "Untimed steps first (tracing, allocator, autotune).",
                      lower_bound=1)
-flags.DEFINE_enum("what", "train", list(perf.WHATS), "What to measure.")
-flags.DEFINE_enum("augment", None, sorted(AUGMENTATIONS),
-                  "Training augmentation (default: bit for BiT, cifar up to 64 px, else "
-                  "inception_crop).")
+cli.lazy_enum("what", "train", _whats, "What to measure.")
+cli.lazy_enum("augment", None, cli.augmentation_names,
+              "Training augmentation (default: bit for BiT, cifar up to 64 px, else "
+              "inception_crop).")
 flags.DEFINE_enum("shortcut", None, ["A", "B"], "CIFAR ResNets: A zero-pad, B projection "
                   "(the PyTorch reference's).")
 flags.DEFINE_integer("input_images", 256, "JPEG files written for the `input` measurement.",
@@ -59,16 +63,19 @@ flags.DEFINE_integer("input_images", 256, "JPEG files written for the `input` me
 flags.DEFINE_string("profile_dir", None, "train: trace --profile_steps steps after warm-up "
                     "with the TF profiler into this directory (slows those steps).")
 flags.DEFINE_integer("profile_steps", 5, "Steps traced with --profile_dir.", lower_bound=1)
+flags.DEFINE_bool("remat", False, "train: with gradient checkpointing of the residual blocks "
+                  "(pipeline.training.remat), to compare peak memory and step time.")
 FLAGS = flags.FLAGS
 
 
 def run(argv) -> list[dict]:
     cli.no_arguments(argv)
+    from pipeline import perf  # here, not at import: --help and typos need no TensorFlow
     return perf.run_benchmarks(
         what=FLAGS.what, model=FLAGS.model, batch_size=FLAGS.batch_size, image_size=FLAGS.image_size,
         precision=FLAGS.precision, steps=FLAGS.steps, warmup_steps=FLAGS.warmup_steps,
         augment=FLAGS.augment, shortcut=FLAGS.shortcut, input_images=FLAGS.input_images,
-        profile_dir=FLAGS.profile_dir, profile_steps=FLAGS.profile_steps)
+        profile_dir=FLAGS.profile_dir, profile_steps=FLAGS.profile_steps, remat=FLAGS.remat)
 
 
 def main(argv):

@@ -10,6 +10,7 @@ the exit statuses of `pipeline.errors` (README "Runs").
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import sys
@@ -18,7 +19,7 @@ import traceback
 from absl import flags
 
 from pipeline import config as cfg
-from pipeline import errors, rundir, validation, workflow
+from pipeline import errors, run_flags, rundir, validation, workflow
 
 _EXCLUDED_FROM_FLAGFILE = {"model_dir", "resume"}
 # Where a run trains (a TPU's address) is not part of the run either: resume with --tpu again.
@@ -90,6 +91,23 @@ def _lazy_enum(name, default, load, help_text):
     flags.register_validator(name, check)
 
 
+def lazy_enum(name, default, load, help_text):
+    """An enum flag whose choices come from `load()` (a registry that imports TensorFlow) when needed.
+
+    For verbs that define their own flags (pipeline.benchmark): --help and
+    typos stay fast, a bad choice is still refused before any work.
+    """
+    _lazy_enum(name, default, load, help_text)
+
+
+def augmentation_names():
+    return _augmentations()
+
+
+def precision_names():
+    return _precisions()
+
+
 def _augmentations():
     from pipeline.data.augment import AUGMENTATIONS
     return sorted(AUGMENTATIONS)
@@ -127,11 +145,14 @@ def define_data_flags():
     flags.DEFINE_float("test_fraction", 0.1, "Image folders without test/: seeded stratified fraction.")
     flags.DEFINE_integer("image_size", None, "Square model resolution (default: the data's own).")
     flags.DEFINE_integer("resize_size", None, "`bit` augmentation: resize to this, then crop --image_size.")
-    _lazy_enum("augment", "cifar", _augmentations, "Training augmentation.")
+    _lazy_enum("augment", "cifar", _augmentations, "Training augmentation: a crop, a policy (after resizing "
+               "only), or <crop>+<policy>: the crop and its flip first, then the policy.")
+    run_flags.define_augment_policy_flags()
     flags.DEFINE_integer("batch_size", 128, "Global batch size (split over replicas by tf.distribute).",
                          lower_bound=1)
     flags.DEFINE_bool("strict_images", False, "Fail on corrupt or unreadable images instead of skipping them.")
     flags.DEFINE_bool("cache", True, "Cache decoded images in memory when they fit.")
+    run_flags.define_inspect_flags()
 
 
 def _model_help():
@@ -176,6 +197,7 @@ def define_train_flags(**defaults):
     flags.DEFINE_float("second_learning_rate", None, "Learning rate after the switch (default: --learning_rate).")
     flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing of the cross-entropy.")
     flags.DEFINE_float("mixup_alpha", 0.0, "MixUp alpha (0 = off).")
+    run_flags.define_mixing_flags()
     _lazy_enum("precision", "auto", _precisions,
                "auto: mixed_float16 on GPUs >= 7.0, mixed_bfloat16 on CPUs with AVX512-BF16/AMX, "
                "else float32.")
@@ -198,6 +220,10 @@ def define_train_flags(**defaults):
     flags.DEFINE_integer("histogram_freq", 0, "TensorBoard weight and gradient histograms every N epochs "
                          "(0 = off, for speed).", lower_bound=0)
     flags.DEFINE_integer("verbose", None, "Keras verbosity (default: progress bar on a TTY, a line per epoch otherwise).")
+    run_flags.define_time_flags()
+    run_flags.define_layer_decay_flags()
+    run_flags.define_remat_flags()
+    run_flags.define_recipe_flags()
 
 
 def define_finetune_flags():
@@ -205,6 +231,7 @@ def define_finetune_flags():
                          "epochs (BatchNorm in inference mode), then the whole network.", lower_bound=0)
     flags.DEFINE_float("backbone_lr_multiplier", 1.0,
                        "After unfreezing, the backbone learns at this multiple of the scheduled rate.")
+    run_flags.define_feature_cache_flags()
 
 
 def define_run_flags():
@@ -213,13 +240,14 @@ def define_run_flags():
 
 
 def flags_text(fv, verb: str) -> str:
-    """The resolved flags of this module as a flagfile (what repeats the run)."""
+    """The resolved flags of this module and `run_flags` as a flagfile (what repeats the run)."""
     lines = ["# Resolved flags of a run. Repeat it with:",
              f"#   python -m pipeline.{verb} --flagfile=<this file>"]
-    for flag in fv.get_flags_for_module(__name__):
-        if flag.name in _EXCLUDED_FROM_FLAGFILE or flag.value is None:
-            continue
-        lines.append(flag.serialize())
+    for module in (__name__, run_flags.__name__):
+        for flag in fv.get_flags_for_module(module):
+            if flag.name in _EXCLUDED_FROM_FLAGFILE or flag.value is None:
+                continue
+            lines.append(flag.serialize())
     return "\n".join(lines) + "\n"
 
 
@@ -244,10 +272,11 @@ def run_config_from_flags(fv, verb: str, **train_extra) -> cfg.RunConfig:
         dataset=fv.dataset, data_dir=fv.data_dir, train_split=fv.train_split, val_split=fv.val_split,
         test_split=fv.test_split, val_fraction=fv.val_fraction, test_fraction=fv.test_fraction,
         image_size=fv.image_size, resize_size=fv.resize_size, augment=fv.augment,
-        batch_size=fv.batch_size, seed=fv.seed, strict_images=fv.strict_images, cache=fv.cache)
+        batch_size=fv.batch_size, seed=fv.seed, strict_images=fv.strict_images, cache=fv.cache,
+        **run_flags.augment_policy_fields(fv), **run_flags.inspect_fields(fv))
     model = cfg.ModelConfig(name=fv.model, weights=fv.weights, shortcut=fv.shortcut, stem=fv.stem,
                             pooling=fv.pooling, width_multiplier=fv.width_multiplier,
-                            init_from=fv.init_from)
+                            init_from=fv.init_from, drop_path=fv.drop_path)
     second = None
     if fv.second_optimizer:
         second = _opt(fv.second_optimizer, fv.second_learning_rate or fv.learning_rate, fv)
@@ -264,7 +293,10 @@ def run_config_from_flags(fv, verb: str, **train_extra) -> cfg.RunConfig:
         deterministic=fv.deterministic,
         steps_per_epoch=fv.steps_per_epoch, total_steps=fv.total_steps, tensorboard=fv.tensorboard,
         histogram_freq=fv.histogram_freq,
-        verbose=fv.verbose, **_finetune_fields(fv), **train_extra)
+        verbose=fv.verbose, **_finetune_fields(fv), **run_flags.time_fields(fv),
+        **run_flags.layer_decay_fields(fv), **run_flags.speed_memory_fields(fv),
+        **run_flags.mixing_fields(fv), **run_flags.recipe_fields(fv),
+        **train_extra)
     run = cfg.RunConfig(model_dir=model_dir, data=data, model=model, train=train,
                         resume=fv.resume, flags_text=flags_text(fv, verb))
     validation.check_run(run)
@@ -338,6 +370,10 @@ def run_cli(fn, *args):
         sys.exit(status)
 
 
+_HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "-helpshort", "--helpfull", "-helpfull",
+               "--helpxml", "-helpxml")
+
+
 def parse_flags(argv):
     """absl's flag parsing (`app.run(main, flags_parser=cli.parse_flags)`), exiting 2 on a bad flag.
 
@@ -346,6 +382,10 @@ def parse_flags(argv):
     """
     try:
         return flags.FLAGS(argv)
+    except SystemExit as e:  # absl's --help/--helpfull print the help, then exit 1: asking for help is no error
+        if e.code == 1 and any(arg.split("=")[0] in _HELP_FLAGS for arg in argv[1:]):
+            sys.exit(errors.EXIT_OK)
+        raise
     except flags.Error as e:
         print(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags.",
               file=sys.stderr, flush=True)
@@ -375,3 +415,51 @@ def after_training(fv, result):
 
 # Where a run's export goes is not part of the run (like --model_dir): keep it out of flags.cfg.
 _EXCLUDED_FROM_FLAGFILE.update({"export", "export_dir", "export_name", "report"})
+
+
+# -- pipeline.evaluate: test-time augmentation (the metrics engineer's block)
+
+def define_evaluate_flags():
+    """`--tta` for `pipeline.evaluate` (the modes are `pipeline.tta.TTA_MODES`; it imports no TensorFlow)."""
+    from pipeline.tta import TTA_MODES
+    flags.DEFINE_enum("tta", "none", list(TTA_MODES),
+                      "Test-time augmentation: none; flip (the image and its mirror); flip_crops (four "
+                      "corner crops and the centre crop of 87.5%, each plain and mirrored). The softmax "
+                      "probabilities are averaged; the accuracy without TTA is printed beside.")
+
+
+
+def inspect_config_from_flags(fv) -> cfg.DataConfig:
+    """The DataConfig `pipeline.inspect_data` inspects: the splits training would read, checked."""
+    data = cfg.DataConfig(
+        dataset=fv.dataset, data_dir=fv.data_dir, train_split=fv.train_split, val_split=fv.val_split,
+        test_split=fv.test_split, val_fraction=fv.val_fraction, test_fraction=fv.test_fraction,
+        seed=fv.seed, strict_images=fv.strict_images, **run_flags.inspect_fields(fv))
+    validation.check_data(data)
+    return data
+
+
+# The cache is where this machine keeps scans, not part of the run.
+_EXCLUDED_FROM_FLAGFILE.add("data_cache_dir")
+
+
+# -- pipeline.lr_find: the learning-rate range test (the metrics engineer's block)
+
+def define_lr_find_flags():
+    """The scan of `pipeline.lr_find` (the model, data and optimizer flags are train's and finetune's)."""
+    flags.DEFINE_float("lr_find_start", 1e-7, "Learning rate of the first step of the scan.")
+    flags.DEFINE_float("lr_find_end", 10.0, "Learning rate of the last step (the scan stops sooner when the "
+                       "loss diverges).")
+    flags.DEFINE_integer("lr_find_steps", 100, "Training steps of the scan (the rate grows exponentially).")
+    flags.DEFINE_float("lr_find_diverge", 4.0, "Stop once the smoothed loss exceeds this many times its minimum.")
+
+
+def lr_find_config_from_flags(fv):
+    """(RunConfig, LRFindConfig) of `pipeline.lr_find`, checked before TensorFlow loads."""
+    run = run_config_from_flags(fv, "lr_find")
+    if not fv.model_dir:  # the training default names a run; a scan's directory says what it is
+        run = dataclasses.replace(run, model_dir=rundir.default_model_dir("lr_find-" + fv.model, fv.dataset))
+    scan = cfg.LRFindConfig(start_lr=fv.lr_find_start, end_lr=fv.lr_find_end, steps=fv.lr_find_steps,
+                            diverge_factor=fv.lr_find_diverge)
+    validation.check_lr_find(scan)
+    return run, scan

@@ -1,7 +1,10 @@
-"""Evaluate a run's checkpoint: `python -m pipeline.evaluate --model_dir=<run>`.
+"""Evaluate a run's checkpoint: `python -m pipeline.evaluate --model_dir=<run> [--tta=flip]`.
 
-Prints test loss and accuracy and per-class accuracy, and writes
-`<run>/evaluation_<split>.json` and `<run>/confusion_<split>.csv`.
+Prints test loss, accuracy, macro-F1, balanced accuracy, ECE, per-class
+precision/recall/F1/support and the most-confused pairs (with `--tta`, of the
+averaged views, and the accuracy without TTA beside), and writes
+`<run>/evaluation_<split>.json`, `<run>/confusion_<split>.csv` and
+`<run>/top_losses_<split>.npz` (the report reads them).
 """
 
 from absl import app, flags
@@ -11,19 +14,16 @@ from pipeline import cli, rundir
 flags.DEFINE_string("model_dir", None, "Run directory to evaluate.", required=True)
 flags.DEFINE_enum("split", "test", ["test", "val"], "Which split to evaluate.")
 flags.DEFINE_enum("checkpoint", "best", ["best", "last"], "Which checkpoint to evaluate.")
+cli.define_evaluate_flags()
 FLAGS = flags.FLAGS
 
 
 def run(argv):
-    from pipeline import training  # imports TensorFlow: after the flags are parsed (fast --help, typos)
+    from pipeline.training import evaluation  # imports TensorFlow: after the flags are parsed (fast --help, typos)
 
-    result = training.evaluate_checkpoint(FLAGS.model_dir, split=FLAGS.split, checkpoint=FLAGS.checkpoint)
-    rundir.write_evaluation(FLAGS.model_dir, FLAGS.split, result)
-    print(f"{FLAGS.split}: loss {result['loss']:.4f}, accuracy {result['accuracy']:.4f} "
-          f"({result['examples']} images, {FLAGS.checkpoint} checkpoint)")
-    width = max(len(n) for n in result["class_names"])
-    for name, acc in result["per_class"].items():
-        print(f"  {name:<{width}}  {acc:.4f}")
+    result = evaluation.evaluate_and_save(FLAGS.model_dir, split=FLAGS.split, checkpoint=FLAGS.checkpoint,
+                                          tta_mode=FLAGS.tta)
+    print("\n".join(evaluation.evaluation_lines(result)))
     print(f"confusion matrix: {rundir.path(FLAGS.model_dir, f'confusion_{FLAGS.split}.csv')}")
 
 

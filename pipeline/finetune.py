@@ -4,7 +4,9 @@ Defaults follow the BiT authors (BiT-HyperRule): resolution from the image
 size, a step budget from the dataset size scaled to the batch, warm-up, /10
 decays at 30/60/90%, lr 0.003 x batch/512, MixUp 0.1 from 20k examples on,
 SGD momentum 0.9, no weight decay, zero-initialized head. Any of them can be
-overridden by its flag. Other backbones typically use `--freeze_epochs` and
+overridden by its flag; `--hyperrule_steps=authors` keeps the authors' unscaled
+step budget, and `--time_budget=30m` picks the resolution and steps that fit.
+Other backbones typically use `--freeze_epochs` and
 `--backbone_lr_multiplier` with an ordinary schedule.
 """
 from absl import app, flags
@@ -28,9 +30,10 @@ def run(argv):
         cli.reparse_with_run_flagfile(FLAGS)
     run_config = cli.run_config_from_flags(FLAGS, "finetune")  # bad values refused here, before TensorFlow
     from pipeline import training  # imports TensorFlow
-    from pipeline.training import finetuning
+    from pipeline.training import budget, finetuning
 
     run_config = finetuning.finetune_run(run_config)
+    run_config = budget.fit_to_budget(run_config)  # --time_budget: choose --image_size/--total_steps
     return cli.after_training(FLAGS, training.train(run_config))
 
 

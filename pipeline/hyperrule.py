@@ -14,12 +14,23 @@ BASE_BATCH = 512
 BASE_LR = 0.003
 DECAY = 0.1
 DECAY_FRACTIONS = (0.3, 0.6, 0.9)
+# --hyperrule_steps: whether the step budget (defined at batch 512) follows the batch size, and who says so.
+STEP_SCALING = {
+    "scaled": "steps x 512/batch, the same examples seen at any batch (keras.io's BiT example)",
+    "authors": "500/10k/20k steps at any batch, as google-research/big_transfer bit_tf2/train.py "
+               "(\"Let's not do that unless verified necessary\"; its batch is 512, split with --batch_split)",
+}
 
 
 def resolution(original_size: tuple[int, int]) -> tuple[int, int]:
     """(resize, crop): small images (area < 96x96) go to 160/128, others to 512/480."""
     h, w = original_size
     return (160, 128) if h * w < 96 * 96 else (512, 480)
+
+
+def resize_for(crop: int):
+    """The rule's resize for one of its own crops (480 -> 512, 128 -> 160), else None."""
+    return {c: r for r, c in (resolution((1, 1)), resolution((96, 96)))}.get(crop)
 
 
 def steps_at_base_batch(dataset_size: int) -> tuple[int, int, int, int, int]:
@@ -50,14 +61,17 @@ class Steps:
     total: int
 
 
-def steps(dataset_size: int, batch_size: int, total_steps: int | None = None) -> Steps:
+def steps(dataset_size: int, batch_size: int, total_steps: int | None = None, *,
+          scaled: bool = True) -> Steps:
     """The HyperRule step budget for a batch size, or for an explicit `total_steps`.
 
-    The budget is defined at batch 512; a smaller batch sees the same number of
-    examples, so steps scale by 512 / batch_size. An explicit budget keeps the
-    rule's shape: decays at 30/60/90% of it, warm-up no longer than a fifth.
+    The budget is defined at batch 512; with `scaled` (`--hyperrule_steps=scaled`)
+    a smaller batch sees the same number of examples, so steps scale by
+    512 / batch_size; unscaled (`authors`) they stay as the authors' bit_tf2
+    keeps them (see STEP_SCALING). An explicit budget keeps the rule's shape:
+    decays at 30/60/90% of it, warm-up no longer than a fifth.
     """
-    scale = BASE_BATCH / batch_size
+    scale = BASE_BATCH / batch_size if scaled else 1.0
     warmup, *decays, total = (int(round(s * scale)) for s in steps_at_base_batch(dataset_size))
     if not total_steps:
         return Steps(warmup, tuple(decays), total)

@@ -38,6 +38,11 @@ import uuid
 
 METRIC_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr",
                   "epoch_seconds", "images_per_second")
+# --ema_decay / --best_metric (training recipes): validation's macro F1, and the raw (not averaged)
+# weights' validation beside the EMA's (empty without EMA).
+METRIC_COLUMNS += ("val_macro_f1", "val_loss_raw", "val_accuracy_raw", "val_macro_f1_raw")
+# An EMA run's raw weights and step count beside each epoch checkpoint (`training.ema`).
+RAW_WEIGHTS_SUFFIX = ".raw.npz"
 FLAGS_FILE = "flags.cfg"
 CONFIG_FILE = "config.json"
 LABELS_FILE = "labels.txt"
@@ -59,7 +64,8 @@ FAULT_ENV = "PIPELINE_FAULT"
 _fault_hits: dict = {}
 CHECKPOINTS = {"best": BEST_CHECKPOINT, "last": LAST_CHECKPOINT}
 # How each epoch metric ranks epochs ("max": higher is better).
-METRIC_MODES = {"val_accuracy": "max", "val_loss": "min", "accuracy": "max", "loss": "min"}
+METRIC_MODES = {"val_accuracy": "max", "val_loss": "min", "accuracy": "max", "loss": "min",
+                "val_macro_f1": "max"}
 
 
 class RunDirError(ValueError):
@@ -379,9 +385,10 @@ def remove_leftovers(model_dir: str) -> None:
     state = read_json(path(model_dir, CHECKPOINT_DIR, STATE_FILE)) or {}
     named = {state.get("last_checkpoint"), state.get("best_checkpoint")}
     for pattern in (TMP_PREFIX + "*", os.path.join(CHECKPOINT_DIR, TMP_PREFIX + "*"),
-                    os.path.join(CHECKPOINT_DIR, "epoch-*.keras")):
+                    os.path.join(CHECKPOINT_DIR, "epoch-*.keras"),
+                    os.path.join(CHECKPOINT_DIR, "epoch-*.keras" + RAW_WEIGHTS_SUFFIX)):
         for leftover in glob.glob(path(glob.escape(model_dir), pattern)):
-            if os.path.basename(leftover) not in named:
+            if os.path.basename(leftover).removesuffix(RAW_WEIGHTS_SUFFIX) not in named:
                 with contextlib.suppress(OSError):
                     shutil.rmtree(leftover) if os.path.isdir(leftover) else os.remove(leftover)
 

@@ -1,9 +1,12 @@
-"""Latency and throughput of an export through its loaded SavedModel signature.
+"""Latency and throughput of an export in each of its runtimes, side by side.
 
-    python -m pipeline.serving_bench --export=saved_models/<name>[/<version>] \
+    python -m pipeline.serving_bench --export=saved_models/<name>[/<version>]|<file>.onnx|<file>.tflite \
         [--batch_sizes=1,64] [--iterations=50] [--signature=serving_default]
 
-prints one JSON line per batch size (see `pipeline.serving.latency`).
+prints one JSON line per runtime and batch size: the SavedModel's signature,
+then the version folder's model.onnx (onnxruntime) and model.tflite (LiteRT
+interpreter) when present (see `pipeline.serving.latency.measure_runtimes`).
+`--signature=serving_bytes` times the SavedModel's bytes signature alone.
 """
 import json
 
@@ -26,6 +29,15 @@ FLAGS = flags.FLAGS
 
 def run(argv):
     cli.no_arguments(argv)
+    if FLAGS.signature == "serving_default":
+        results = latency.measure_runtimes(FLAGS.export, FLAGS.image_size, [int(b) for b in FLAGS.batch_sizes],
+                                           FLAGS.iterations, warmup=FLAGS.warmup,
+                                           max_seconds=FLAGS.max_seconds, threads=FLAGS.threads)
+        for result in results:
+            for m in result["measurements"]:
+                print(json.dumps({"runtime": result["runtime"], "export": result["export"],
+                                  "image_size": result["image_size"], **m}), flush=True)
+        return results
     result = latency.measure(FLAGS.export, FLAGS.image_size, [int(b) for b in FLAGS.batch_sizes],
                              FLAGS.iterations, signature=FLAGS.signature, warmup=FLAGS.warmup,
                              max_seconds=FLAGS.max_seconds, threads=FLAGS.threads)

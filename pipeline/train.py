@@ -16,7 +16,9 @@ def run(argv):
         cli.reparse_with_run_flagfile(FLAGS)
     run_config = cli.run_config_from_flags(FLAGS, "train")  # bad values refused here, before TensorFlow
     from pipeline import training  # imports TensorFlow
+    from pipeline.training import budget
 
+    run_config = budget.fit_to_budget(run_config)  # --time_budget: the steps (and size) that fit
     result = training.train(run_config)
     return cli.after_training(FLAGS, result)
 

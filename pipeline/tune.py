@@ -7,8 +7,7 @@ search" section. Rerun the same command with `--tune_dir=<dir>` to resume.
 from absl import app, flags
 
 from pipeline import cli, rundir, workflow
-from pipeline.tuning import hypermodel as hypermodels
-from pipeline.tuning import layout, results, runner
+from pipeline.tuning import layout
 from pipeline.tuning import space as search_space
 
 cli.define_data_flags()
@@ -21,7 +20,7 @@ cli.define_run_flags()
 def define_tune_flags():
     flags.DEFINE_string("tune_dir", None, "Search directory (default tuning/<model>-<dataset>-<time>); "
                         "rerunning with the same --tune_dir resumes the search.")
-    flags.DEFINE_enum("tuner", "random", list(hypermodels.TUNERS), "Search algorithm.")
+    flags.DEFINE_enum("tuner", "random", list(layout.TUNERS), "Search algorithm.")
     flags.DEFINE_integer("max_trials", 10, "Trials to run in total (a resumed search counts earlier ones).",
                          lower_bound=1)
     flags.DEFINE_enum("objective", "val_accuracy", list(layout.OBJECTIVES), "What the search optimizes.")
@@ -55,6 +54,7 @@ FLAGS = flags.FLAGS
 
 def run(argv):
     cli.no_arguments(argv)
+    from pipeline.tuning import results, runner  # keras-tuner and TensorFlow: after the flags are read
     runner.check_model_dir_unset(FLAGS.model_dir)
     base = runner.base_run_config(cli.run_config_from_flags(FLAGS, "train"), "train")
     values = {spec.flag: FLAGS[spec.flag].value for spec in search_space.HYPERPARAMETERS.values()}

@@ -12,10 +12,10 @@ PNG files go to `<run>/plots/` (or `--out`); see `pipeline.reporting.visualizati
 from absl import app, flags
 
 from pipeline import cli
-from pipeline.reporting import visualization
+from pipeline.reporting.plot_kinds import KINDS
 
 flags.DEFINE_string("model_dir", None, "Run directory to plot.")
-flags.DEFINE_list("what", ["all"], f"Plots to make: all, {', '.join(visualization.KINDS)}.")
+flags.DEFINE_list("what", ["all"], f"Plots to make: all, {', '.join(KINDS)}.")
 flags.DEFINE_string("out", None, "Output folder (default <model_dir>/plots).")
 flags.DEFINE_string("image", None, "feature_maps / gradcam input: an image file, or `test:<i>` / "
                     "`val:<i>` for image i of the run's own split.")
@@ -34,6 +34,7 @@ FLAGS = flags.FLAGS
 
 
 def run(argv):
+    from pipeline.reporting import visualization  # here: --help and typos need no matplotlib
     return visualization.make_plots(
         FLAGS.model_dir, FLAGS.what, runs=list(argv[1:]) + FLAGS.runs, out=FLAGS.out, image=FLAGS.image,
         layers=FLAGS.layer, filters=FLAGS.filters, steps=FLAGS.steps, max_channels=FLAGS.max_channels,

@@ -1,9 +1,17 @@
 """Session-scoped fixtures for anything expensive (one trained run shared by many tests)."""
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
 from tests.helpers import FAST, run_cli
+
+# The data checks cache their scans under $XDG_CACHE_HOME/pipeline (a user's ~/.cache): tests
+# and the training subprocesses they start (which inherit the environment) write to a temp dir.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="pipeline-test-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
 
 
 @pytest.fixture(scope="session")

@@ -75,7 +75,7 @@ def test_every_registered_bit_variant_has_the_papers_table_entry():
     for name in expected:
         spec = get_spec(name)
         assert (spec.family, spec.default_image_size, spec.pretrained) == ("bit", 128, True)
-        assert spec.options() == set()
+        assert spec.options() == {"drop_path"}  # stochastic depth (issue 16), the only option
         arch = bit.BIT_ARCHS[name.split("_")[2]]
         assert arch.depths == depths[name.split("_")[2].split("x")[0]]
         assert arch.width == int(name.split("x")[-1])

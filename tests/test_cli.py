@@ -158,7 +158,11 @@ def _probe(verb, *args):
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
 
 
-@pytest.mark.parametrize("verb", ["train", "finetune", "evaluate", "list_models"])
+VERBS = ["train", "finetune", "evaluate", "list_models", "tune", "report", "visualize", "benchmark",
+         "export", "predict", "serving_bench", "inspect_data", "lr_find"]
+
+
+@pytest.mark.parametrize("verb", VERBS)
 def test_a_flag_typo_is_reported_before_tensorflow_is_imported(verb):
     """A typo took 5-11 s (TensorFlow imported before the flags were parsed) and exited 1 (item 13)."""
     started = time.time()
@@ -185,6 +189,13 @@ def test_a_bad_choice_is_still_a_flag_error_listing_the_choices():
     out, stderr = _probe("train", "--augment=nope")
     assert out["code"] == errors.EXIT_BAD_INPUT
     assert "--augment=nope: value should be one of <bit|cifar|inception_crop|none>" in stderr
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_help_is_fast_and_exits_0(verb):
+    """--help took ~10 s for tune and benchmark and exited 1 (absl's status for it)."""
+    out, _ = _probe(verb, "--help")
+    assert out["code"] == errors.EXIT_OK and not out["tensorflow"] and out["s"] < 2
 
 
 def test_help_lists_the_choices_of_the_lazy_flags():

@@ -198,7 +198,7 @@ def test_train_drives_callbacks_like_fit_and_honours_stop_training(tmp_path):
                       + ["on_test_end", "on_epoch_end"])
     assert calls == ["on_train_begin"] + expected_epoch * 2 + ["on_train_end"]
     assert set(epoch_logs[0]) == {"loss", "accuracy", "val_loss", "val_accuracy", "lr",
-                                  "epoch_seconds", "images_per_second"}
+                                  "epoch_seconds", "images_per_second", "val_macro_f1"}
     rows = rundir.read_metrics(run.model_dir)
     assert [r["epoch"] for r in rows] == [1, 2]
     assert rows[1]["loss"] == pytest.approx(epoch_logs[1]["loss"], rel=1e-5)

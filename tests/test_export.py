@@ -33,7 +33,8 @@ def digits_images():
 def digits_export(digits_run, tmp_path_factory):
     """The digits run exported through `python -m pipeline.export` into a fresh folder."""
     root = str(tmp_path_factory.mktemp("saved_models"))
-    proc = run_cli("export", f"--model_dir={digits_run['model_dir']}", f"--export_dir={root}")
+    proc = run_cli("export", f"--model_dir={digits_run['model_dir']}", f"--export_dir={root}",
+                   "--nocalibrate")  # the raw softmax, compared with the Keras model below
     path = last_line(proc.stdout)
     return {"root": root, "path": path, "model_dir": digits_run["model_dir"]}
 

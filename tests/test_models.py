@@ -74,8 +74,8 @@ def test_families_register_expected_models():
         f"preact_resnet{d}" for d in (18, 34, 50, 101, 152)}
     assert registry.get_spec("resnet20").default_image_size == 32
     assert registry.get_spec("resnet50").default_image_size == 224
-    assert registry.get_spec("resnet20").options() == {"shortcut", "width_multiplier"}
-    assert registry.get_spec("resnet18").options() == {"stem", "pooling", "width_multiplier"}
+    assert registry.get_spec("resnet20").options() == {"shortcut", "width_multiplier", "drop_path"}
+    assert registry.get_spec("resnet18").options() == {"stem", "pooling", "width_multiplier", "drop_path"}
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

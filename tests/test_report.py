@@ -262,7 +262,7 @@ def test_html_is_well_formed_self_contained_and_says_the_same(digits_report):
     text, model_dir = digits_report["html"], digits_report["model_dir"]
     summary = read_json(os.path.join(model_dir, "summary.json"))
     parser = check_html(text)
-    assert len(parser.images) == 3                      # curves, lr, confusion: inline
+    assert len(parser.images) == 5                      # curves, lr, confusion, reliability, top losses: inline
     assert "<style>" in text and "plots/curves.png" not in re.sub(r"<figcaption>.*?</figcaption>", "", text)
     assert f"{100 * summary['test_accuracy']:.2f}%" in text
     assert f"{summary['parameters']:,}" in text

@@ -13,28 +13,45 @@ Every augmentation is a factory in `AUGMENTATIONS`, called as
 All randomness comes from `tf.image.stateless_*` / `tf.random.stateless_*`
 ops, so the same (image, seed) always gives the same output.
 
+Names: the crops `cifar`, `inception_crop`, `bit`, `none`; a policy of
+`pipeline.data.policies` (`randaugment`, `trivialaugment`, `augmix`) alone,
+which runs after the `none` transform (resize only, no flip); or
+`<crop>+<policy>` (`cifar+randaugment`): the crop (with its flip) first, then
+the policy. Every combination is registered by name (`AUGMENT_PARTS`), so
+`--augment` lists them all. `get_augmentation` adds, for any name, colour
+jitter before the policy and random erasing after it.
+
 `eval_transform` is the deterministic counterpart used for validation, test
-and prediction; `mixup` is a batch-level op for the trainer.
+and prediction; batch mixing (MixUp, CutMix) is in `pipeline.data.mixing`.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+import functools
+from typing import Callable, Dict, Optional, Tuple
 
 import tensorflow as tf
+
+from pipeline.data import policies
+from pipeline.data.mixing import mixup as mixup  # re-exported: its first home
 
 AugmentFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 AugmentFactory = Callable[[int, Optional[int]], AugmentFn]
 
+# Every `--augment` name -> factory(image_size, resize_size) with the policy options' defaults.
 AUGMENTATIONS: Dict[str, AugmentFactory] = {}
+# The crops alone, and what each name is made of: name -> (crop, policy or None).
+CROPS: Dict[str, AugmentFactory] = {}
+AUGMENT_PARTS: Dict[str, Tuple[str, Optional[str]]] = {}
 
 
 def register_augmentation(name: str) -> Callable[[AugmentFactory], AugmentFactory]:
-    """Decorator adding a factory to `AUGMENTATIONS` under `name`."""
+    """Decorator adding a crop factory to `AUGMENTATIONS` (and `CROPS`) under `name`."""
 
     def decorator(factory: AugmentFactory) -> AugmentFactory:
         if name in AUGMENTATIONS:
             raise ValueError(f"augmentation {name!r} is already registered")
-        AUGMENTATIONS[name] = factory
+        AUGMENTATIONS[name] = CROPS[name] = factory
+        AUGMENT_PARTS[name] = (name, None)
         return factory
 
     return decorator
@@ -54,14 +71,54 @@ def check_augmentation(name: str) -> None:
         raise ValueError(f"unknown augmentation {name!r}; choose one of {list_augmentations()}")
 
 
-def get_augmentation(name: str, image_size: int, resize_size: Optional[int] = None) -> AugmentFn:
+def crop_of(name: str) -> str:
+    """The crop `name` starts with (`bit` for `bit+randaugment`): it sets the resize scale."""
+    check_augmentation(name)
+    return AUGMENT_PARTS[name][0]
+
+
+def get_augmentation(name: str, image_size: int, resize_size: Optional[int] = None, *,
+                     randaugment_ops: int = 2, randaugment_magnitude: float = 9.0,
+                     color_jitter: float = 0.0, random_erasing: float = 0.0) -> AugmentFn:
     """Returns the per-example augmentation `name` built for `image_size`.
+
+    The crop, then colour jitter of strength `color_jitter` (0 = off), then
+    the policy, then random erasing with probability `random_erasing` (0 =
+    off), each with its own seed split from the example's. With no policy and
+    both off this is the crop alone with the example's seed, as before.
 
     Raises:
       ValueError: `name` is not registered (the message lists the choices).
     """
     check_augmentation(name)
-    return AUGMENTATIONS[name](image_size, resize_size)
+    crop, policy = AUGMENT_PARTS[name]
+    crop_fn = CROPS[crop](image_size, resize_size)
+    stages = []
+    if color_jitter > 0:
+        stages.append(policies.color_jitter(color_jitter))
+    if policy is not None:
+        stages.append(policies.POLICIES[policy](randaugment_ops, randaugment_magnitude))
+    if random_erasing > 0:
+        stages.append(policies.random_erasing(random_erasing))
+    if not stages:
+        return crop_fn
+
+    def fn(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+        crop_seed, *stage_seeds = _split_seed(seed, len(stages) + 1)
+        image = crop_fn(image, crop_seed)
+        for stage, stage_seed in zip(stages, stage_seeds):
+            image = stage(image, stage_seed)
+        return _finish(image, image_size)
+
+    return fn
+
+
+def augmentation_for(config, image_size: int, resize_size: Optional[int] = None) -> AugmentFn:
+    """`get_augmentation` with a DataConfig's `augment` and policy options (the data pipeline's call)."""
+    return get_augmentation(config.augment, image_size, resize_size,
+                            randaugment_ops=config.randaugment_ops,
+                            randaugment_magnitude=config.randaugment_magnitude,
+                            color_jitter=config.color_jitter, random_erasing=config.random_erasing)
 
 
 def default_resize_size(image_size: int) -> int:
@@ -206,37 +263,16 @@ def eval_transform(image_size: int, resize_size: Optional[int] = None) -> Callab
     return fn
 
 
-# ------------------------------------------------------------------ mixup
+# ------------------------------------------------ policies, alone and after a crop
 
 
-def mixup(
-    images: tf.Tensor, labels_onehot: tf.Tensor, alpha: float, seed: tf.Tensor
-) -> tuple[tf.Tensor, tf.Tensor]:
-    """MixUp (Zhang et al. 2018) on a batch, as in BiT: one lambda per batch.
+def _register_policies() -> None:
+    """`<policy>` (after `none`) and `<crop>+<policy>` for every crop and policy, by name."""
+    for policy in policies.POLICIES:
+        for crop in list(CROPS):
+            name = policy if crop == "none" else f"{crop}+{policy}"
+            AUGMENTATIONS[name] = functools.partial(get_augmentation, name)
+            AUGMENT_PARTS[name] = (crop, policy)
 
-    Each example is blended with a partner from a seeded permutation of the
-    batch: `lam * x + (1 - lam) * x[perm]`, labels alike, lam ~ Beta(alpha, alpha).
 
-    Args:
-      images: float [B, H, W, C].
-      labels_onehot: float [B, num_classes] (one-hot or already soft).
-      alpha: Beta concentration; <= 0 returns the inputs unchanged.
-      seed: int tensor of shape [2].
-
-    Returns:
-      (mixed_images, mixed_labels), same shapes and dtypes as the inputs.
-    """
-    if alpha <= 0:
-        return images, labels_onehot
-    seed_a, seed_b, seed_perm = _split_seed(seed, 3)
-    # Beta(a, a) = Ga / (Ga + Gb) with Ga, Gb ~ Gamma(a).
-    ga = tf.random.stateless_gamma([], seed=seed_a, alpha=alpha)
-    gb = tf.random.stateless_gamma([], seed=seed_b, alpha=alpha)
-    lam = ga / tf.maximum(ga + gb, 1e-12)
-    batch = tf.shape(images)[0]
-    perm = tf.argsort(tf.random.stateless_uniform([batch], seed=seed_perm))
-    lam_x = tf.cast(lam, images.dtype)
-    lam_y = tf.cast(lam, labels_onehot.dtype)
-    mixed_images = lam_x * images + (1 - lam_x) * tf.gather(images, perm)
-    mixed_labels = lam_y * labels_onehot + (1 - lam_y) * tf.gather(labels_onehot, perm)
-    return mixed_images, mixed_labels
+_register_policies()

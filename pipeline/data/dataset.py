@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from pipeline import hyperrule
 from pipeline.config import DataConfig
-from pipeline.data import augment
+from pipeline.data import augment, balance
 from pipeline.data.registry import SOURCES, DataError, Source, Split, resolve
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -164,12 +164,15 @@ class TrainingStream:
     shuffle_buffer: int
     batch_size: int
     drop_remainder: bool
+    sampler: Optional[object] = None  # (elements, pass seed) -> a pass's items: `balance.sampler_for`
 
     def _pass(self, index: int, skip: int = 0) -> tf.data.Dataset:
         """Pass `index` unbatched and augmented, from its example `skip` on."""
         seed = pass_seed(self.seed, index)
         ds = self.elements.shuffle(max(1, min(self.shuffle_buffer, self.size)), seed=seed,
                                    reshuffle_each_iteration=False)
+        if self.sampler is not None:  # --balanced_sampling: classes drawn equally, same pass length
+            ds = self.sampler(self.elements, seed)
         if self.decode is not None:
             ds = ds.map(self.decode, num_parallel_calls=AUTOTUNE)
         ds = ds.enumerate()
@@ -205,9 +208,10 @@ def training_stream(split: Split, source: Source, config: DataConfig, *, image_s
         split_decode = split.decode
         decode = lambda *item: split_decode(*item, base_size)  # noqa: E731
     return TrainingStream(elements=elements, decode=decode, size=split.size,
-                          augmentation=augment.get_augmentation(config.augment, image_size, resize_size),
+                          augmentation=augment.augmentation_for(config, image_size, resize_size),
                           seed=config.seed, shuffle_buffer=config.shuffle_buffer,
-                          batch_size=config.batch_size, drop_remainder=config.drop_remainder)
+                          batch_size=config.batch_size, drop_remainder=config.drop_remainder,
+                          sampler=balance.sampler_for(config, len(source.class_names), split.size))
 
 
 def _sizes(config: DataConfig, source: Source) -> Tuple[int, Optional[int]]:
@@ -218,7 +222,7 @@ def _sizes(config: DataConfig, source: Source) -> Tuple[int, Optional[int]]:
         # BiT-HyperRule: decided by the stored size (varying sizes count as large).
         size = (source.native_size,) * 2 if source.native_size else source.typical_size
         resize_size, image_size = hyperrule.resolution(size or (DEFAULT_IMAGE_SIZE,) * 2)
-    if resize_size is None and config.augment == "bit":  # train and eval at the same scale
+    if resize_size is None and augment.crop_of(config.augment) == "bit":  # train and eval at the same scale
         resize_size = augment.default_resize_size(image_size)
     if resize_size is not None and resize_size < image_size:
         raise ValueError(f"resize_size {resize_size} is smaller than image_size {image_size}")

@@ -3,13 +3,16 @@
 The folder is pre-split (`train/`, `val/` or `validation/`, optional `test/`)
 or split here by `val_fraction` / `test_fraction` with `seed` (stratified,
 exact sizes). Extensions .jpg/.jpeg/.png/.bmp/.gif in any case (GIF: first
-frame); hidden files are ignored. Every file is checked before training:
-unreadable or non-image files are skipped with one warning naming them, or a
-`DataError` with `strict_images`.
+frame); hidden files are ignored. Every file is checked before training (one
+scan, `inspect_scan`, cached in `data_cache_dir`): unreadable or non-image
+files are skipped with one warning naming them, or a `DataError` with
+`strict_images`. Images are decoded upright by their EXIF orientation
+(`exif`). `folder_splits` is the listing both the source and the data report
+(`inspection`) use, so the report checks exactly the splits training reads.
 """
 from __future__ import annotations
 
-import concurrent.futures
+import dataclasses
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -18,6 +21,8 @@ import tensorflow as tf
 from absl import logging
 
 from pipeline.config import DataConfig
+from pipeline.data import exif
+from pipeline.data.inspect_scan import IMAGE_EXTENSIONS, ImageInfo, ScanStats, scan_files
 from pipeline.data.registry import (
     DataError,
     Source,
@@ -26,8 +31,7 @@ from pipeline.data.registry import (
     shorter_side_to,
 )
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
-_DECODABLE_FORMATS = frozenset({"JPEG", "PNG", "BMP", "GIF"})  # what tf.io.decode_image reads
+__all__ = ["IMAGE_EXTENSIONS", "FolderData", "folder_splits", "stratified_split"]
 _MAX_NAMED_FILES = 10
 
 # split ("train", "val", "test", or "all" when not pre-split) -> (its folder, class -> files)
@@ -94,40 +98,12 @@ def _list_splits(root: str) -> Tuple[bool, _SplitFiles, List[str]]:
     return presplit, split_files, class_names
 
 
-# -- corrupt-file checks
+# -- corrupt-file checks (one scan: `inspect_scan`, whose results the data report reuses)
 
 
-def _image_problem(path: str) -> Optional[str]:
-    """Why `path` cannot be fed to tf.io.decode_image, or None when it can."""
-    if not path.lower().endswith(IMAGE_EXTENSIONS):
-        return "not an image file"
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            fmt = im.format
-            im.verify()
-        if fmt not in _DECODABLE_FORMATS:
-            return f"unsupported format {fmt}"
-        with Image.open(path) as im:  # verify() does not decode pixels; load() does
-            im.load()
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
-        return f"unreadable ({type(e).__name__})"
-    return None
-
-
-def _check_files(paths: Sequence[str]) -> List[Tuple[str, str]]:
-    """(path, problem) for every file that cannot be decoded."""
-    workers = max(1, min(8, os.cpu_count() or 1))
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        problems = list(pool.map(_image_problem, paths))
-    return [(p, why) for p, why in zip(paths, problems) if why]
-
-
-def _bad_files(split_files: _SplitFiles, root: str, config: DataConfig) -> List[Tuple[str, str]]:
-    """Checks every file once, before anything trains: warns about bad ones, or raises (strict)."""
-    all_paths = [p for _, per_class in split_files.values() for files in per_class.values() for p in files]
-    bad = _check_files(all_paths)
+def _bad_files(infos: Dict[str, ImageInfo], root: str, config: DataConfig) -> List[Tuple[str, str]]:
+    """Warns about every file TensorFlow cannot decode, before anything trains, or raises (strict)."""
+    bad = [(p, info.problem) for p, info in infos.items() if info.problem]
     if bad:
         names = [f"{os.path.relpath(p, root)} ({why})" for p, why in bad[:_MAX_NAMED_FILES]]
         more = f" and {len(bad) - _MAX_NAMED_FILES} more" if len(bad) > _MAX_NAMED_FILES else ""
@@ -140,14 +116,9 @@ def _bad_files(split_files: _SplitFiles, root: str, config: DataConfig) -> List[
     return bad
 
 
-def _median_size(paths: Sequence[str], sample: int = 64) -> Optional[Tuple[int, int]]:
-    """Median (height, width) of up to `sample` images (PIL reads only their headers)."""
-    from PIL import Image
-
-    sizes = []
-    for path in list(paths)[:sample]:
-        with Image.open(path) as im:
-            sizes.append((im.height, im.width))
+def _median_size(paths: Sequence[str], infos: Dict[str, ImageInfo]) -> Optional[Tuple[int, int]]:
+    """Median (height, width) of the training images as stored (from the scan)."""
+    sizes = [(infos[p].height, infos[p].width) for p in paths]
     return tuple(int(v) for v in np.median(np.array(sizes), axis=0)) if sizes else None
 
 
@@ -209,23 +180,50 @@ def _decode(path, label, base_size):
     return image, label
 
 
-def _split(arrays: Optional[_Arrays]) -> Optional[Split]:
+def _decode_upright(path, label, orientation, base_size):
+    """`_decode` for splits holding EXIF-rotated files: turned upright before the resize."""
+    raw = tf.io.read_file(path)
+    image = tf.io.decode_image(raw, channels=3, expand_animations=False)
+    image = exif.upright(tf.ensure_shape(image, [None, None, 3]), orientation)
+    return shorter_side_to(image, base_size), label
+
+
+def _split(arrays: Optional[_Arrays], infos: Dict[str, ImageInfo]) -> Optional[Split]:
+    """A Split of (path, label), or (path, label, orientation) when some file needs turning."""
     if arrays is None or len(arrays[0]) == 0:
         return None
     paths, labels = arrays
-    return Split(tf.data.Dataset.from_tensor_slices((paths, labels)), len(paths), decode=_decode)
+    orientation = np.array([infos[p].orientation for p in paths], dtype=np.int32)
+    if (orientation == 1).all():  # the usual case: no per-image turn in the decode map
+        return Split(tf.data.Dataset.from_tensor_slices((paths, labels)), len(paths), decode=_decode)
+    return Split(tf.data.Dataset.from_tensor_slices((paths, labels, orientation)), len(paths),
+                 decode=_decode_upright)
 
 
-@register_source("folder")
-def _folder_source(path: str, config: DataConfig) -> Source:
-    """Images in one folder per class, pre-split or split here (see module docstring)."""
+@dataclasses.dataclass
+class FolderData:
+    """A folder as training reads it: the splits' (paths, labels) after skipping bad files."""
+
+    root: str
+    presplit: bool
+    class_names: List[str]
+    splits: Dict[str, _Arrays]  # "train", "val", "test" (those present)
+    infos: Dict[str, ImageInfo]  # every listed file's scan, the bad ones too
+    bad: List[Tuple[str, str]]  # (path, problem)
+    scan: ScanStats
+
+
+def folder_splits(path: str, config: DataConfig, *, progress: bool = True) -> FolderData:
+    """Lists, scans (cached) and splits the folder `path` as `folder:<path>` does for training."""
     if not path:
         raise DataError("dataset 'folder:' needs a path, e.g. 'folder:/data/flowers'.")
     root = os.path.abspath(os.path.expanduser(path))
     if not os.path.isdir(root):
         raise DataError(f"Image folder {root} does not exist (from --dataset=folder:{path}).")
     presplit, split_files, class_names = _list_splits(root)
-    bad = _bad_files(split_files, root, config)
+    all_paths = [p for _, per_class in split_files.values() for files in per_class.values() for p in files]
+    infos, stats = scan_files(all_paths, root, cache_dir=config.data_cache_dir, progress=progress)
+    bad = _bad_files(infos, root, config)
     bad_set = {p for p, _ in bad}
     label_of = {name: i for i, name in enumerate(class_names)}
 
@@ -243,12 +241,22 @@ def _folder_source(path: str, config: DataConfig) -> Source:
         return np.array(paths), np.array(labels, dtype=np.int32)
 
     train, val, test = _assign(presplit, flatten, config)
+    splits = {name: arrays for name, arrays in (("train", train), ("val", val), ("test", test))
+              if arrays is not None and (name == "train" or len(arrays[0]))}
+    return FolderData(root, presplit, class_names, splits, infos, bad, stats)
+
+
+@register_source("folder")
+def _folder_source(path: str, config: DataConfig) -> Source:
+    """Images in one folder per class, pre-split or split here (see module docstring)."""
+    folder = folder_splits(path, config)
+    train = folder.splits["train"]
     return Source(
-        class_names=class_names,
-        train=_split(train),
-        val=_split(val),
-        test=_split(test),
+        class_names=folder.class_names,
+        train=_split(train, folder.infos),
+        val=_split(folder.splits.get("val"), folder.infos),
+        test=_split(folder.splits.get("test"), folder.infos),
         native_size=None,
-        typical_size=_median_size(train[0]),
-        num_skipped=len(bad),
+        typical_size=_median_size(train[0], folder.infos),
+        num_skipped=len(folder.bad),
     )

@@ -65,8 +65,10 @@ from keras import ops
 from pipeline.errors import short_reason
 from pipeline.models import hub_io
 from pipeline.models.bit_mapping import HEAD_KEYS, infer_arch, map_tensors
-from pipeline.models.layers import GroupNormalization
+from pipeline.models.layers import GroupNormalization, drop_path_rates
+from pipeline.models.layers import drop_path as drop_path_branch
 from pipeline.models.registry import register_model
+from pipeline.models.stages import numbered, table
 
 GN_GROUPS = 32
 GN_EPSILON = 1e-5  # bit_tf2/normalization.py: GroupNormalization(eps=1e-5)
@@ -74,6 +76,9 @@ WS_EPSILON = 1e-10  # bit_tf2/models.py: (kernel - mean) / sqrt(var + 1e-10)
 STRIDES = (1, 2, 2, 2)
 SELF_CHECK_TOLERANCE = 1e-4
 _PROBE_SEED = 20200101
+# Stages for --layer_decay (`pipeline.models.stages`): the root block, the four blocks by their
+# layer names, the final GroupNorm with the last block.
+STAGES = table(("stem", "root_block"), *numbered("block", 1, 3), ("stage4", ("block4", "pre_head")))
 
 
 # --------------------------------------------------------------------------- layers
@@ -202,8 +207,9 @@ def _unit_name(block: int, unit: int) -> str:
     return f"block{block}_unit{unit:02d}"
 
 
-def _unit(x, *, name: str, mid: int, stride: int, project: bool, dtype):
-    """One pre-activation bottleneck unit (GN-ReLU-conv x3 + shortcut)."""
+def _unit(x, *, name: str, mid: int, stride: int, project: bool, dtype, drop_rate: float = 0.0):
+    """One pre-activation bottleneck unit (GN-ReLU-conv x3 + shortcut; the residual branch dropped
+    per example with probability `drop_rate` in training: stochastic depth, none at 0)."""
     gn = dict(groups=GN_GROUPS, epsilon=GN_EPSILON, dtype=dtype)
     pre = GroupNormalization(name=f"{name}_a_gn", **gn)(x)
     pre = keras.layers.ReLU(name=f"{name}_a_relu", dtype=dtype)(pre)
@@ -220,10 +226,11 @@ def _unit(x, *, name: str, mid: int, stride: int, project: bool, dtype):
     y = GroupNormalization(name=f"{name}_c_gn", **gn)(y)
     y = keras.layers.ReLU(name=f"{name}_c_relu", dtype=dtype)(y)
     y = StandardizedConv2D(4 * mid, 1, padding="valid", name=f"{name}_c_conv", dtype=dtype)(y)
+    y = drop_path_branch(y, drop_rate, name=name, dtype=dtype)
     return keras.layers.Add(name=f"{name}_add", dtype=dtype)([y, shortcut])
 
 
-def _assemble(*, depths, width, num_classes, input_shape, include_top, dtype, name):
+def _assemble(*, depths, width, num_classes, input_shape, include_top, dtype, name, drop_path_rate=0.0):
     base = _root_filters(width)
     inputs = keras.Input(shape=tuple(input_shape), dtype="float32", name="image")
     x = keras.layers.Rescaling(2.0, offset=-1.0, name="to_pm1", dtype=dtype)(inputs)
@@ -234,6 +241,7 @@ def _assemble(*, depths, width, num_classes, input_shape, include_top, dtype, na
     x = keras.layers.MaxPooling2D(3, strides=2, padding="valid", name="root_block_pool",
                                   dtype=dtype)(x)
     cin = base
+    rates = iter(drop_path_rates(sum(depths), drop_path_rate))
     for b, (units, stride) in enumerate(zip(depths, STRIDES), start=1):
         mid = base * 2 ** (b - 1)
         for u in range(1, units + 1):
@@ -241,7 +249,7 @@ def _assemble(*, depths, width, num_classes, input_shape, include_top, dtype, na
             # bit_tf2 rule: project when the unit changes resolution or width.
             project = unit_stride > 1 or cin != 4 * mid
             x = _unit(x, name=_unit_name(b, u), mid=mid, stride=unit_stride, project=project,
-                      dtype=dtype)
+                      dtype=dtype, drop_rate=next(rates))
             cin = 4 * mid
     x = GroupNormalization(groups=GN_GROUPS, epsilon=GN_EPSILON, name="pre_head_gn", dtype=dtype)(x)
     x = keras.layers.ReLU(name="pre_head_relu", dtype=dtype)(x)
@@ -256,7 +264,8 @@ def _assemble(*, depths, width, num_classes, input_shape, include_top, dtype, na
 
 def build_bit(*, depths: Sequence[int], width: float, num_classes: int,
               input_shape: Sequence[int | None], weights=None, include_top: bool = True,
-              self_check: bool = True, dtype=None, name: str = "bit") -> keras.Model:
+              self_check: bool = True, dtype=None, name: str = "bit",
+              drop_path_rate: float = 0.0) -> keras.Model:
     """Build a BiT ResNet-v2 of any size, optionally loading the authors' weights.
 
     Args:
@@ -272,6 +281,8 @@ def build_bit(*, depths: Sequence[int], width: float, num_classes: int,
       dtype: dtype policy for the backbone layers; None uses the global policy.
         The head is float32 in every case.
       name: model name.
+      drop_path_rate: stochastic depth of the last unit (linear from 0 at the
+        first; 0 adds no layer, so weights load into the same model as ever).
 
     Returns:
       keras.Model from float32 [0, 1] images to float32 logits (or features).
@@ -285,7 +296,8 @@ def build_bit(*, depths: Sequence[int], width: float, num_classes: int,
     if len(input_shape) != 3 or input_shape[-1] != 3:
         raise ValueError(f"BiT takes RGB images: input_shape must be (H, W, 3), got {input_shape}.")
     kwargs = dict(depths=depths, width=width, num_classes=num_classes,
-                  input_shape=tuple(input_shape), include_top=include_top, name=name)
+                  input_shape=tuple(input_shape), include_top=include_top, name=name,
+                  drop_path_rate=drop_path_rate)
     if weights is None:
         return _assemble(dtype=dtype, **kwargs)
     weights = read_bit_weights(weights)  # fail on bad handles before any heavy build
@@ -536,12 +548,13 @@ def _make_builder(upstream: str, arch_key: str):
     arch = BIT_ARCHS[arch_key]
     model_name = f"bit_{upstream}_{arch_key}"
 
-    def builder(*, num_classes, input_shape, weights=None, normalization=None):
+    def builder(*, num_classes, input_shape, weights=None, normalization=None, drop_path=0.0):
         del normalization  # BiT owns its input scaling ([0, 1] -> [-1, 1]).
         if weights in ("hub", "imagenet"):  # this variant's own pretrained weights
             weights = arch.hub_handle(upstream)
         return build_bit(depths=arch.depths, width=arch.width, num_classes=num_classes,
-                         input_shape=input_shape, weights=weights, name=model_name)
+                         input_shape=input_shape, weights=weights, name=model_name,
+                         drop_path_rate=drop_path)
 
     builder.__name__ = builder.__qualname__ = model_name
     builder.__doc__ = (
@@ -549,7 +562,7 @@ def _make_builder(upstream: str, arch_key: str):
         f"width x{arch.width}, GroupNorm + Weight Standardization.\n\n"
         f"weights: None, 'hub' or 'imagenet' ({arch.hub_handle(upstream)}), a TF-Hub handle or "
         f"SavedModel dir, or {arch.npz_name(upstream)} (head loaded if num_classes == "
-        f"{BIT_UPSTREAMS[upstream]}).")
+        f"{BIT_UPSTREAMS[upstream]}). drop_path: the last unit's stochastic-depth rate (linear from 0).")
     return model_name, builder
 
 
@@ -559,6 +572,6 @@ for _upstream in BIT_UPSTREAMS:
         _arch = BIT_ARCHS[_arch_key]
         register_model(_name, family="bit", default_image_size=128, pretrained=True,
                        depth=3 * sum(_arch.depths) + 2, depths=_arch.depths, width=_arch.width,
-                       default_weights=_arch.hub_handle(_upstream))(_builder)
+                       default_weights=_arch.hub_handle(_upstream), stages=(STAGES,))(_builder)
         globals()[_name] = _builder
 del _upstream, _arch_key, _arch, _name, _builder

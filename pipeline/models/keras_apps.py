@@ -27,6 +27,7 @@ from pipeline.errors import short_reason
 from pipeline.models.hub_io import WeightsError
 from pipeline.models.pretrained import BACKBONE, POOL, zero_head
 from pipeline.models.registry import register_model
+from pipeline.models.stages import numbered, table
 
 # ImageNet channel statistics of keras.applications.imagenet_utils' "caffe" and "torch" modes.
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
@@ -114,6 +115,61 @@ KERAS_APPS = {
 }
 
 
+def _blocks(template: str, first: int, last: int) -> tuple:
+    """Layer-name roots `template.format(i)` for blocks first..last (one stage of an application)."""
+    return tuple(template.format(i) for i in range(first, last + 1))
+
+
+def _lettered(stage: int) -> tuple:
+    """EfficientNet's roots of stage `stage`: its blocks `block<stage>a`, `block<stage>b`, ..."""
+    return tuple(f"block{stage}{letter}" for letter in "abcdefghijklmnopqrstuvwxyz")
+
+
+def _mobilenet_v3(stage_blocks) -> object:
+    """MobileNetV3 stages: the stem conv and block 0, then `(first, last)` blocks per stage, the
+    final 1x1 conv `conv_1` with the last (the longest root wins: `conv_1_bn` is not `conv`)."""
+    *middle, (first, last) = stage_blocks
+    stages = [("stem", ("conv", "expanded_conv"))]
+    stages += [(f"stage{i}", _blocks("expanded_conv_{}", a, b)) for i, (a, b) in enumerate(middle, start=1)]
+    stages.append((f"stage{len(stage_blocks)}", _blocks("expanded_conv_{}", first, last) + ("conv_1",)))
+    return table(*stages)
+
+
+# Stages for --layer_decay (`pipeline.models.stages`), by `keras.applications` module, or by
+# constructor where one module's variants differ. The stage boundaries are where the
+# application halves the resolution. Xception, Inception-v3, Inception-ResNet-v2, NASNet and
+# ConvNeXt have none here: some of their trained layers get generated names (`conv2d_3`,
+# `layer_normalization`) that depend on what the process built before, so no table can name them.
+_RESNET = (("stem", "conv1"), *numbered("conv", 2, 4))
+APP_STAGES = {
+    "resnet": table(*_RESNET, ("stage4", "conv5")),
+    "resnet_v2": table(*_RESNET, ("stage4", ("conv5", "post"))),
+    "vgg16": table(*numbered("block", 1, 5)),
+    "vgg19": table(*numbered("block", 1, 5)),
+    "mobilenet": table(("stem", ("conv1", "conv_dw_1", "conv_pw_1")),
+                       *((f"stage{i}", _blocks("conv_dw_{}", a, b) + _blocks("conv_pw_{}", a, b))
+                         for i, (a, b) in enumerate(((2, 3), (4, 5), (6, 11), (12, 13)), start=1))),
+    "mobilenet_v2": table(("stem", ("Conv1", "bn_Conv1", "expanded_conv")),
+                          *((f"stage{i}", _blocks("block_{}", a, b))
+                            for i, (a, b) in enumerate(((1, 2), (3, 5), (6, 12)), start=1)),
+                          ("stage4", _blocks("block_{}", 13, 16) + ("Conv_1",))),
+    "MobileNetV3Small": _mobilenet_v3(((1, 2), (3, 7), (8, 10))),
+    "MobileNetV3Large": _mobilenet_v3(((1, 2), (3, 5), (6, 11), (12, 14))),
+    "densenet": table(("stem", "conv1"), ("stage1", ("conv2", "pool2")), ("stage2", ("conv3", "pool3")),
+                      ("stage3", ("conv4", "pool4")), ("stage4", ("conv5", "bn"))),
+    "efficientnet": table(("stem", "stem"), *((f"stage{i}", _lettered(i)) for i in range(1, 8)),
+                          ("top", "top")),
+    "efficientnet_v2": table(("stem", "stem"), *((f"stage{i}", _lettered(i)) for i in range(1, 8)),
+                             ("top", "top")),
+}
+
+
+def app_stages(app: KerasApp) -> tuple:
+    """The application's stage tables for `ModelSpec.stages`, () where it has none."""
+    found = APP_STAGES.get(app.constructor) or APP_STAGES.get(app.module)
+    return (found,) if found else ()
+
+
 def _imagenet_error(model_name: str, err: BaseException) -> WeightsError:
     return WeightsError(
         f"Cannot get the ImageNet weights of {model_name} from Keras Applications "
@@ -189,6 +245,6 @@ def _make_keras_builder(model_name: str, app: KerasApp):
 for _name, _app in KERAS_APPS.items():
     _builder = _make_keras_builder(_name, _app)
     register_model(_name, family="keras_apps", default_image_size=_app.image_size, pretrained=True,
-                   depth=_app.depth, default_weights="imagenet")(_builder)
+                   depth=_app.depth, default_weights="imagenet", stages=app_stages(_app))(_builder)
     globals()[_name] = _builder
 del _name, _app, _builder

@@ -37,11 +37,20 @@ from pipeline.models import keras_hub_source as source_lib
 from pipeline.models.hub_io import WeightsError
 from pipeline.models.pretrained import BACKBONE, POOL, zero_head
 from pipeline.models.registry import register_model
+from pipeline.models.stages import table
 
 # `--weights` value (and `ModelSpec.default_weights`) meaning "the preset's own weights".
 PRESET_WEIGHTS = "preset"
 # Resolution when the preset's image converter does not name one.
 FALLBACK_IMAGE_SIZE = 224
+# Stages for --layer_decay (`pipeline.models.stages`), one table per keras-hub backbone class
+# (the layer "backbone" says which): ResNet's input convs and pool, its stacks, and the
+# pre-activation variant's final `post_bn` as a stage of its own (presets have 2 to 4 stacks).
+BACKBONE_STAGES = (
+    table(("stem", ("conv1", "conv2", "conv3", "pool1")),
+          *((f"stage{i + 1}", f"stack{i}") for i in range(4)), ("post", "post"),
+          backbone_class="ResNetBackbone"),
+)
 
 
 def _keras_hub():
@@ -190,7 +199,8 @@ def _resize_for(backbone, converter, input_shape):
 
 @register_model("keras_hub:", family="keras_hub", prefix=True, pretrained=True,
                 default_image_size=FALLBACK_IMAGE_SIZE, default_weights=PRESET_WEIGHTS,
-                provenance=source_lib.provenance, image_size_for=default_image_size)
+                provenance=source_lib.provenance, image_size_for=default_image_size,
+                stages=BACKBONE_STAGES)
 def keras_hub_model(*, num_classes, input_shape, weights=None, normalization=None, argument):
     """A keras-hub backbone (`keras_hub:<preset>`) with its preset's preprocessing and our head.
 

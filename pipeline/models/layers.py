@@ -154,6 +154,35 @@ class ZeroPadShortcut(keras.layers.Layer):
         return config
 
 
+def drop_path_rates(num_blocks: int, drop_path: float) -> list[float]:
+    """Stochastic-depth drop rates of `num_blocks` residual blocks: linear from 0 (first) to `drop_path` (last).
+
+    The linear rule of Huang et al. 2016 as timm spaces it (`linspace(0, P, n)`):
+    early blocks, whose features everything later builds on, are dropped least.
+    """
+    if not 0.0 <= drop_path < 1.0:
+        raise ValueError(f"drop_path must be in [0, 1), got {drop_path!r}.")
+    if num_blocks <= 1:
+        return [0.0] * num_blocks
+    return [drop_path * i / (num_blocks - 1) for i in range(num_blocks)]
+
+
+def drop_path(x, rate: float, *, name: str, dtype=None):
+    """Stochastic depth on a residual branch `x`: in training, each example's branch is zeroed
+    with probability `rate` and kept ones are scaled by 1/(1 - rate); the identity at inference.
+
+    That is exactly `keras.layers.Dropout` with a noise shape of one value per
+    example (`(None, 1, 1, 1)`: Keras fills the batch size at call time), seeded
+    by its own `keras.random.SeedGenerator` (from `keras.utils.set_random_seed`),
+    so no layer of ours is needed. A rate of 0 adds no layer at all, so a model
+    built without stochastic depth is the same model as before it existed.
+    """
+    if rate <= 0.0:
+        return x
+    noise_shape = (None,) + (1,) * (len(x.shape) - 1)
+    return keras.layers.Dropout(rate, noise_shape=noise_shape, name=f"{name}_drop_path", dtype=dtype)(x)
+
+
 @keras.saving.register_keras_serializable(package="pipeline")
 class GroupNormalization(keras.layers.GroupNormalization):
     """`keras.layers.GroupNormalization` with statistics gathered per channel first.

@@ -51,6 +51,10 @@ class ModelSpec:
       image_size_for: for prefix models, `f(argument) -> int`, the default
         resolution of that argument (a keras-hub preset's own image size);
         None uses `default_image_size`.
+      stages: `pipeline.models.stages.StageTable`s: which layers form the stem
+        and stages 1..n (the head is "logits"), what `--layer_decay` scales;
+        () where the family cannot say (opaque hub modules, applications whose
+        layers have generated names).
     """
 
     name: str
@@ -66,6 +70,7 @@ class ModelSpec:
     default_weights: Optional[str] = None
     provenance: Optional[Callable] = None
     image_size_for: Optional[Callable] = None
+    stages: tuple = ()
 
     def options(self) -> set[str]:
         """Keyword options the builder accepts beyond the common contract."""
@@ -81,7 +86,7 @@ def register_model(name: str | None = None, *, family: str, default_image_size: 
     With `prefix=True`, `name` ends with ':' and the model is selected by names
     like `hub:<handle>`; the builder then receives `argument=<handle>`.
     `architecture` sets the ModelSpec's metadata fields (`depth`, `depths`,
-    `width`, `residual`, `default_weights`).
+    `width`, `residual`, `default_weights`, `stages`).
     """
 
     def decorate(fn):

@@ -25,8 +25,10 @@ from typing import Sequence
 
 import keras
 
-from pipeline.models.layers import FusedBatchNormalization, Normalize, ZeroPadShortcut
+from pipeline.models.layers import (FusedBatchNormalization, Normalize, ZeroPadShortcut, drop_path_rates,
+                                    drop_path as drop_path_branch)
 from pipeline.models.registry import register_model
+from pipeline.models.stages import numbered, table
 
 # PyTorch's BatchNorm2d defaults (its momentum=0.1 is Keras momentum=0.9), so
 # recipes and reference numbers from PyTorch papers transfer unchanged.
@@ -201,7 +203,7 @@ def _shortcut(x, filters: int, strides: int, kind: str, *, batchnorm: bool, name
 
 
 def residual_block(x, convs: list[tuple[int, int, int]], *, shortcut: str = SHORTCUT_PROJECTION,
-                   preact: bool = False, name: str):
+                   preact: bool = False, drop_rate: float = 0.0, name: str):
     """One residual (or plain) block in post- or pre-activation ordering.
 
     Post-activation (He et al. 2015): conv-BN-ReLU ... conv-BN, add the
@@ -216,6 +218,8 @@ def residual_block(x, convs: list[tuple[int, int, int]], *, shortcut: str = SHOR
       shortcut: `SHORTCUT_ZERO_PAD`, `SHORTCUT_PROJECTION` or `SHORTCUT_NONE`;
         identity is used whenever the shape does not change.
       preact: pre-activation ordering.
+      drop_rate: stochastic depth: the residual branch is dropped per example
+        with this probability in training (layer `<name>_drop_path`; none at 0).
       name: prefix of the block's layer names.
 
     Returns:
@@ -238,21 +242,26 @@ def residual_block(x, convs: list[tuple[int, int, int]], *, shortcut: str = SHOR
             shortcut_input = x  # identity: skip the pre-activation entirely
         s = _shortcut(shortcut_input, out_filters, strides, shortcut,
                       batchnorm=not preact, name=name)
+        y = drop_path_branch(y, drop_rate, name=name)
         y = keras.layers.Add(name=f"{name}_add")([y, s])
     return y if preact else keras.layers.ReLU(name=f"{name}_out")(y)
 
 
 def residual_stages(x, block_fn, stage_filters: Sequence[int], stage_blocks: Sequence[int],
-                    stage_strides: Sequence[int], *, shortcut: str, preact: bool):
+                    stage_strides: Sequence[int], *, shortcut: str, preact: bool,
+                    drop_path: float = 0.0):
     """Stack stages of blocks; the first block of each stage carries the stride.
 
-    Layers are named `stage<i>_block<j>_...` (1-based).
+    Layers are named `stage<i>_block<j>_...` (1-based). `drop_path` is the
+    stochastic-depth rate of the last block, the first block's is 0 and the
+    rates in between are linear (`layers.drop_path_rates`).
     """
+    rates = iter(drop_path_rates(sum(stage_blocks), drop_path))
     for stage, (filters, blocks, strides) in enumerate(
             zip(stage_filters, stage_blocks, stage_strides), start=1):
         for block in range(1, blocks + 1):
             x = residual_block(x, block_fn(filters, strides if block == 1 else 1),
-                               shortcut=shortcut, preact=preact,
+                               shortcut=shortcut, preact=preact, drop_rate=next(rates),
                                name=f"stage{stage}_block{block}")
     return x
 
@@ -297,7 +306,7 @@ def _stem(x, filters: int, stem: str, *, preact: bool):
 
 
 def _resnet(name: str, depth: int, *, preact: bool, num_classes, input_shape, weights,
-            normalization, stem, pooling, width_multiplier) -> keras.Model:
+            normalization, stem, pooling, width_multiplier, drop_path) -> keras.Model:
     """Build ResNet-`depth` (post- or pre-activation) with projection shortcuts."""
     block_fn, stage_blocks = _BLOCKS[depth]
     check_choice(pooling, POOLINGS, "pooling")
@@ -306,7 +315,7 @@ def _resnet(name: str, depth: int, *, preact: bool, num_classes, input_shape, we
     inputs, x = normalized_input(input_shape, normalization)
     x = _stem(x, filters[0], stem, preact=preact)
     x = residual_stages(x, block_fn, filters, stage_blocks, _STAGE_STRIDES,
-                        shortcut=SHORTCUT_PROJECTION, preact=preact)
+                        shortcut=SHORTCUT_PROJECTION, preact=preact, drop_path=drop_path)
     if preact:
         x = bn_relu(x, name="final")
     return finish_model(inputs, x, name=name, num_classes=num_classes, pooling=pooling,
@@ -318,24 +327,29 @@ def _make_builder(depth: int, *, preact: bool):
     name = f"{'preact_' if preact else ''}resnet{depth}"
 
     def builder(*, num_classes, input_shape, weights=None, normalization=None,
-                stem="auto", pooling="avg", width_multiplier=1.0):
+                stem="auto", pooling="avg", width_multiplier=1.0, drop_path=0.0):
         return _resnet(name, depth, preact=preact, num_classes=num_classes, input_shape=input_shape,
                        weights=weights, normalization=normalization, stem=stem, pooling=pooling,
-                       width_multiplier=width_multiplier)
+                       width_multiplier=width_multiplier, drop_path=drop_path)
 
     block_fn, stage_blocks = _BLOCKS[depth]
     builder.__name__ = builder.__qualname__ = name
     builder.__doc__ = (f"{'Pre-activation ' if preact else ''}ResNet-{depth}: {block_fn.__name__} blocks "
                        f"{stage_blocks}.\n\n`stem` \"auto\" | \"cifar\" | \"imagenet\", `pooling` \"avg\" | "
-                       "\"max\", `width_multiplier` scales every stage's channels.")
+                       "\"max\", `width_multiplier` scales every stage's channels, `drop_path` is the last block's "
+                       "stochastic-depth rate (linear from 0 at the first block).")
     return name, builder
 
+
+# Stages for --layer_decay (`pipeline.models.stages`): the stem, the four stages by their
+# layer names, the pre-activation nets' final BN-ReLU with the last stage.
+STAGES = table(("stem", "stem"), *numbered("stage", 1, 3), ("stage4", ("stage4", "final")))
 
 # One registered builder per depth and variant, made from `_BLOCKS` (like bit.py's table).
 for _preact, _family in ((False, "resnet"), (True, "preact_resnet")):
     for _depth in _BLOCKS:
         _name, _builder = _make_builder(_depth, preact=_preact)
         register_model(_name, family=_family, default_image_size=224, depth=_depth,
-                       depths=_BLOCKS[_depth][1])(_builder)
+                       depths=_BLOCKS[_depth][1], stages=(STAGES,))(_builder)
         globals()[_name] = _builder
 del _preact, _family, _depth, _name, _builder

@@ -13,6 +13,8 @@ Options of every builder:
     projection where the shape changes, identity elsewhere). Plain nets have
     no shortcut and so no such option.
   width_multiplier: scales the 16/32/64 channels (2.0 is about 4x the params).
+  drop_path (residual nets only): stochastic depth, the last block's drop
+    rate (linear from 0 at the first block; 0 builds the paper's network).
 
 No L2 regularizer in the model: weight decay (1e-4 in the paper) is the
 optimizer's job, so it is applied consistently and is visible in one place.
@@ -25,10 +27,13 @@ from pipeline.models.registry import register_model
 from pipeline.models.resnet import (SHORTCUT_NONE, SHORTCUT_PROJECTION, SHORTCUT_ZERO_PAD,
                                     basic, check_choice, conv_bn_relu, ensure_recursion_limit,
                                     finish_model, normalized_input, residual_stages, scaled_filters)
+from pipeline.models.stages import numbered, table
 
 _STAGE_FILTERS = (16, 32, 64)
 _STAGE_STRIDES = (1, 2, 2)
 _SHORTCUTS = (SHORTCUT_ZERO_PAD, SHORTCUT_PROJECTION)
+# Stages for --layer_decay (`pipeline.models.stages`): the stem conv, then the three stages.
+STAGES = table(("stem", "stem"), *numbered("stage", 1, 3))
 
 
 def blocks_per_stage(depth: int) -> int:
@@ -39,7 +44,7 @@ def blocks_per_stage(depth: int) -> int:
 
 
 def _cifar_resnet(name: str, depth: int, *, shortcut: str, num_classes, input_shape, weights,
-                  normalization, width_multiplier) -> keras.Model:
+                  normalization, width_multiplier, drop_path=0.0) -> keras.Model:
     """Build a 6n+2-layer CIFAR network; `shortcut=SHORTCUT_NONE` gives the plain twin."""
     n = blocks_per_stage(depth)
     if shortcut != SHORTCUT_NONE:
@@ -48,7 +53,7 @@ def _cifar_resnet(name: str, depth: int, *, shortcut: str, num_classes, input_sh
     inputs, x = normalized_input(input_shape, normalization)
     x = conv_bn_relu(x, filters[0], 3, name="stem")
     x = residual_stages(x, basic, filters, (n, n, n), _STAGE_STRIDES,
-                        shortcut=shortcut, preact=False)
+                        shortcut=shortcut, preact=False, drop_path=drop_path)
     ensure_recursion_limit(4 * depth)  # ~3.5 layers per weighted layer
     return finish_model(inputs, x, name=name, num_classes=num_classes, weights=weights)
 
@@ -74,10 +79,10 @@ PLAIN_VARIANTS = {
 
 def _make_residual(depth: int, note: str):
     def builder(*, num_classes, input_shape, weights=None, normalization=None,
-                shortcut="A", width_multiplier=1.0):
+                shortcut="A", width_multiplier=1.0, drop_path=0.0):
         return _cifar_resnet(f"resnet{depth}", depth, shortcut=shortcut, num_classes=num_classes,
                              input_shape=input_shape, weights=weights, normalization=normalization,
-                             width_multiplier=width_multiplier)
+                             width_multiplier=width_multiplier, drop_path=drop_path)
 
     builder.__doc__ = f"ResNet-{depth} (n={blocks_per_stage(depth)}, {note})."
     return builder
@@ -101,6 +106,6 @@ for _kind, _variants, _make in (("resnet", RESIDUAL_VARIANTS, _make_residual),
         _builder.__name__ = _builder.__qualname__ = f"{_kind}{_depth}"
         _n = blocks_per_stage(_depth)
         register_model(_builder.__name__, family="cifar_resnet", default_image_size=32, depth=_depth,
-                       depths=(_n, _n, _n), residual=_kind == "resnet")(_builder)
+                       depths=(_n, _n, _n), residual=_kind == "resnet", stages=(STAGES,))(_builder)
         globals()[_builder.__name__] = _builder
 del _kind, _variants, _make, _depth, _note, _builder, _n

@@ -138,8 +138,12 @@ def _tempdir(prefix: str):
 def train_run_config(model_dir: str, *, model: str, batch_size: int, image_size: int,
                      precision: str, steps: int, warmup_steps: int, augment: Optional[str] = None,
                      num_classes: int = 10, examples: Optional[int] = None,
-                     model_options: Optional[dict] = None, seed: int = 0):
-    """The RunConfig `measure_train` trains: one epoch of `warmup_steps + steps` steps."""
+                     model_options: Optional[dict] = None, seed: int = 0,
+                     train_options: Optional[dict] = None):
+    """The RunConfig `measure_train` trains: one epoch of `warmup_steps + steps` steps.
+
+    `train_options`: more TrainConfig fields (`{"remat": True}`).
+    """
     augment = augment or default_augment(model, image_size)
     size = stored_size(augment, image_size)
     examples = examples or max(4 * batch_size, 256)
@@ -151,15 +155,18 @@ def train_run_config(model_dir: str, *, model: str, batch_size: int, image_size:
     train = cfg.TrainConfig(
         epochs=1, steps_per_epoch=warmup_steps + steps, schedule="constant",
         optimizer=cfg.OptimizerConfig("sgd", learning_rate=0.01, momentum=0.9),
-        precision=precision, tensorboard=False, verbose=0, seed=seed)
+        precision=precision, tensorboard=False, verbose=0, seed=seed, **(train_options or {}))
     return cfg.RunConfig(model_dir=model_dir, data=data_cfg, model=model_cfg, train=train)
 
 
 def measure_train(*, model: str = "resnet20", batch_size: int = 128, image_size: Optional[int] = None,
                   precision: str = "auto", steps: int = 30, warmup_steps: int = 5,
                   augment: Optional[str] = None, model_options: Optional[dict] = None,
-                  profile_dir: Optional[str] = None, profile_steps: int = 5) -> dict:
+                  profile_dir: Optional[str] = None, profile_steps: int = 5,
+                  train_options: Optional[dict] = None) -> dict:
     """Images/s of `training.train` on the in-memory `random:` source (see module docstring).
+
+    `train_options` (e.g. `{"remat": True}`) are TrainConfig fields, recorded in the result.
 
     With `profile_dir`, the `profile_steps` steps after warm-up are traced by the
     TF profiler (which slows them: the images/s of such a run are not comparable).
@@ -171,7 +178,7 @@ def measure_train(*, model: str = "resnet20", batch_size: int = 128, image_size:
         run = train_run_config(os.path.join(tmp, "run"), model=model, batch_size=batch_size,
                                image_size=image_size, precision=precision, steps=steps,
                                warmup_steps=warmup_steps, augment=augment,
-                               model_options=model_options)
+                               model_options=model_options, train_options=train_options)
         with contextlib.redirect_stdout(_Quiet()):
             callbacks = [timer]
             if profile_dir:
@@ -182,7 +189,7 @@ def measure_train(*, model: str = "resnet20", batch_size: int = 128, image_size:
                   "image_size": image_size, "augment": augment,
                   "precision": result.precision, "requested_precision": precision,
                   **{k: v for k, v in (model_options or {}).items() if v is not None},
-                  **timed})
+                  **(train_options or {}), **timed})
 
 
 class _Quiet:
@@ -221,6 +228,35 @@ def measure_input_cifar(*, batch_size: int = 128, image_size: int = 32, steps: i
     timed = time_batches(datasets.train, batch_size=batch_size, steps=steps, warmup_steps=warmup_steps)
     return stamp({"what": "input", "source": "memory uint8", "augment": augment,
                   "batch_size": batch_size, "image_size": image_size, **timed})
+
+
+def measure_policy_operations(augment: str, *, batch_size: int = 128, image_size: int = 32, steps: int = 30,
+                              warmup_steps: int = 5) -> list[dict]:
+    """Images/s of each operation of `augment`'s policy alone, as the pipeline runs it (issue 16).
+
+    Each operation at 9/10 of its largest strength in a parallel `tf.data`
+    map over one in-memory image, then the same map calling nothing (`none`):
+    what a policy costs per operation, to weigh against the training rate.
+    Returns [] when `augment` has no policy (a crop alone).
+    """
+    from pipeline.data import augment as augment_lib, policies
+
+    policy = augment_lib.AUGMENT_PARTS[augment][1] if augment in augment_lib.AUGMENT_PARTS else None
+    if policy is None:
+        return []
+    ops = {"randaugment": policies.RANDAUGMENT_OPS, "trivialaugment": policies.TRIVIALAUGMENT_OPS,
+           "augmix": policies.AUGMIX_OPS}[policy]
+    image = tf.random.stateless_uniform([image_size, image_size, 3], seed=[0, 1])
+    examples = (steps + warmup_steps) * batch_size
+    results = []
+    for name, op in {"none": None, **ops}.items():
+        fn = (lambda x: x) if op is None else (lambda x, op=op: policies.apply_op(x, op, op.offset + op.scale * 0.9))
+        ds = (tf.data.Dataset.from_tensors(image).repeat(examples)
+              .map(fn, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size, drop_remainder=True))
+        timed = time_batches(ds, batch_size=batch_size, steps=steps, warmup_steps=warmup_steps)
+        results.append(stamp({"what": "input_operation", "augment": augment, "operation": name,
+                              "batch_size": batch_size, "image_size": image_size, **timed}))
+    return results
 
 
 def measure_input_jpeg(*, batch_size: int = 32, image_size: int = 128, resize_size: int = 160,

@@ -34,6 +34,26 @@ def peak_rss_mb() -> float:
     return round(peak / scale, 1)
 
 
+# Resident memory right after TensorFlow and the pipeline were imported, before anything was built
+# (`record_rss_after_import`): peak_rss_mb minus it is what the measured work itself held.
+_AFTER_IMPORT: dict = {}
+
+
+def rss_mb() -> Optional[float]:
+    """Current resident memory of this process in MiB (Linux `/proc/self/statm`; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def record_rss_after_import() -> Optional[float]:
+    """Remember the resident memory now (call it once, before building anything); returns it."""
+    _AFTER_IMPORT.setdefault("rss_after_import_mb", rss_mb())
+    return _AFTER_IMPORT["rss_after_import_mb"]
+
+
 def machine_info() -> dict:
     """CPU model, relevant ISA flags, cores and library versions (one JSON line per run)."""
     import keras
@@ -57,5 +77,5 @@ def machine_info() -> dict:
 
 
 def stamp(result: dict) -> dict:
-    """`result` plus the process's peak RSS and the current load average."""
-    return {**result, "peak_rss_mb": peak_rss_mb(), "load_1min": load_average()}
+    """`result` plus the process's peak RSS (and its RSS after the imports, when recorded) and the load."""
+    return {**result, **_AFTER_IMPORT, "peak_rss_mb": peak_rss_mb(), "load_1min": load_average()}

@@ -13,7 +13,7 @@ from typing import Optional, TextIO
 
 from pipeline.models import get_spec, is_valid_model_name
 from pipeline.perf import benchmarks as bench
-from pipeline.perf.machine import machine_info
+from pipeline.perf.machine import machine_info, record_rss_after_import
 from pipeline.perf.synthetic import stored_size
 
 WHATS = ("train", "input", "predict", "all", "bit_native_vs_savedmodel")
@@ -25,7 +25,7 @@ def run_benchmarks(*, what: str = "train", model: str = "resnet20", batch_size: 
                    image_size: Optional[int] = None, precision: str = "auto", steps: int = 30,
                    warmup_steps: int = 5, augment: Optional[str] = None,
                    shortcut: Optional[str] = None, input_images: int = 256,
-                   profile_dir: Optional[str] = None, profile_steps: int = 5,
+                   profile_dir: Optional[str] = None, profile_steps: int = 5, remat: bool = False,
                    out: Optional[TextIO] = None) -> list[dict]:
     """Run the measurements `what` asks for, printing each JSON line to `out` as it is ready.
 
@@ -42,6 +42,7 @@ def run_benchmarks(*, what: str = "train", model: str = "resnet20", batch_size: 
       input_images: JPEG files written for the `input` measurement.
       profile_dir: train: trace `profile_steps` steps after warm-up into this directory.
       profile_steps: how many steps `profile_dir` traces.
+      remat: train: with gradient checkpointing (`pipeline.training.remat`).
       out: where the lines go (default sys.stdout); a terminal also gets `table(results)`.
 
     Returns:
@@ -57,6 +58,7 @@ def run_benchmarks(*, what: str = "train", model: str = "resnet20", batch_size: 
     out = out or sys.stdout
     requested_size, image_size = image_size, image_size or get_spec(model).default_image_size
     is_bit = get_spec(model).family == "bit"
+    record_rss_after_import()  # TensorFlow and the pipeline are imported; nothing is built yet
     common = dict(steps=steps, warmup_steps=warmup_steps)
     results = []
 
@@ -71,9 +73,10 @@ def run_benchmarks(*, what: str = "train", model: str = "resnet20", batch_size: 
         train = emit(bench.measure_train(
             model=model, batch_size=batch_size, image_size=image_size, precision=precision,
             augment=augment, model_options={"shortcut": shortcut} if shortcut else None,
-            profile_dir=profile_dir, profile_steps=profile_steps, **common))
+            profile_dir=profile_dir, profile_steps=profile_steps,
+            train_options={"remat": True} if remat else None, **common))
     if what in ("input", "all"):
-        _measure_input(emit, train, model=model, is_bit=is_bit, batch_size=batch_size,
+        _measure_input(emit, train, model=model, is_bit=is_bit, batch_size=batch_size, augment=augment,
                        image_size=image_size, input_images=input_images, common=common)
     if what in ("predict", "all"):
         emit(bench.measure_predict(model=model, image_size=image_size, precision=precision,
@@ -89,10 +92,13 @@ def run_benchmarks(*, what: str = "train", model: str = "resnet20", batch_size: 
 
 
 def _measure_input(emit, train: Optional[dict], *, model: str, is_bit: bool, batch_size: int,
-                   image_size: int, input_images: int, common: dict) -> None:
+                   image_size: int, input_images: int, common: dict, augment: Optional[str] = None) -> None:
     """The input measurements (arrays, then JPEG crops uncached and cached), then input/train."""
-    cifar = emit(bench.measure_input_cifar(batch_size=batch_size,
+    cifar = emit(bench.measure_input_cifar(batch_size=batch_size, augment=augment or "cifar",  # issue 16
                                            image_size=32 if is_bit else image_size, **common))
+    for line in bench.measure_policy_operations(augment or "cifar", batch_size=batch_size,
+                                                image_size=32 if is_bit else image_size, **common):
+        emit(line)
     crop = image_size if is_bit else 128
     resize = stored_size("bit", crop)
     jpeg = [emit(bench.measure_input_jpeg(batch_size=batch_size, image_size=crop,

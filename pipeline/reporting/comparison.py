@@ -40,6 +40,8 @@ class CompareRow:
     wall_seconds: Optional[float]
     wall_is_partial: bool
     report: Optional[str]       # the run's own report.html, when present
+    per_class_f1: dict = dataclasses.field(default_factory=dict)  # class -> test F1 (evaluation_test.json)
+    macro_f1: Optional[float] = None
 
 
 @dataclasses.dataclass
@@ -106,10 +108,13 @@ def _compare_row(run: str, settings: dict, objective: str, out_dir: str) -> Comp
     finished = status.kind in ("completed", "diverged") and summary.get("wall_seconds")
     wall = summary.get("wall_seconds") if finished else sum(r.get("epoch_seconds") or 0 for r in metrics)
     report = rundir.path(run, REPORT_HTML)
+    evaluation = rundir.read_json(rundir.path(run, "evaluation_test.json"), {}) or {}
     return CompareRow(run, plots.run_label(run), settings, status.kind,
                       best[objective] if best else None, best["epoch"] if best else None,
                       summary.get("test_accuracy"), status.epochs_done, wall, not finished,
-                      os.path.relpath(report, out_dir) if os.path.exists(report) else None)
+                      os.path.relpath(report, out_dir) if os.path.exists(report) else None,
+                      {name: m["f1"] for name, m in (evaluation.get("per_class_metrics") or {}).items()},
+                      evaluation.get("macro_f1"))
 
 
 def collect_comparison(paths: Sequence[str], *, objective: Optional[str] = None,
@@ -118,7 +123,7 @@ def collect_comparison(paths: Sequence[str], *, objective: Optional[str] = None,
 
     Args:
       paths: run directories and/or tuning directories.
-      objective: `val_accuracy` (default; or the search's own) or `val_loss`.
+      objective: `val_accuracy` (default; or the search's own), `val_loss` or `val_macro_f1`.
       out_dir: where the report goes (links to each run's report are relative to it).
       figure_path: where to write `plots.compare_figure` of the runs (None: no chart).
     """
@@ -159,13 +164,30 @@ def collect_comparison(paths: Sequence[str], *, objective: Optional[str] = None,
     return comparison
 
 
+def _per_class_f1_blocks(rows: list) -> list:
+    """Each class's test F1 per run, side by side (from each run's evaluation_test.json)."""
+    scored = [r for r in rows if r.per_class_f1]
+    if not scored:
+        return [Para(["No run has a per-class evaluation (evaluation_test.json with F1): write one with ",
+                      ("code", "python -m pipeline.evaluate --model_dir=<run>"), " or the run's report."], "note")]
+    names = list(dict.fromkeys(n for r in scored for n in r.per_class_f1))
+    table = [[("code", n), *(pct(r.per_class_f1.get(n)) for r in scored)] for n in names]
+    table.append([("b", "macro-F1"), *(("b", pct(r.macro_f1)) for r in scored)])
+    blocks = [Table(["class", *(r.name for r in scored)], table, "l" + "r" * len(scored),
+                    caption="Test F1 per class (runs in the order of the table above)", scroll=len(table) > 40)]
+    missing = [r.name for r in rows if not r.per_class_f1]
+    if missing:
+        blocks.append(Para(["No per-class evaluation yet: " + ", ".join(missing) + "."], "note"))
+    return blocks
+
+
 def comparison_document(c: Comparison, base_dir: str) -> Document:
     label = f"best {c.objective}"
     headers = ["#", "run", *c.columns, label, "best epoch", "test accuracy", "epochs", "wall time", "status"]
     rows = []
     for i, r in enumerate(c.rows, start=1):
         name = ("link", r.name, r.report.replace(os.sep, "/")) if r.report else ("code", r.name)
-        value = pct(r.best_value) if c.objective == "val_accuracy" else num(r.best_value)
+        value = pct(r.best_value) if c.objective != "val_loss" else num(r.best_value)
         rows.append([str(i), name, *(setting_text(r.settings.get(k)) for k in c.columns), value,
                      "–" if r.best_epoch is None else str(r.best_epoch), pct(r.test_accuracy), str(r.epochs),
                      ("≥ " if r.wall_is_partial else "") + duration(r.wall_seconds), r.status])
@@ -190,12 +212,13 @@ def comparison_document(c: Comparison, base_dir: str) -> Document:
     elif c.figure_note:
         chart.append(Para([f"No chart: {c.figure_note}"], "note"))
     sections.append(Section("Validation curves", "curves", chart))
+    sections.append(Section("Per-class F1", "per-class-f1", _per_class_f1_blocks(c.rows)))
     sections.append(Section("Settings shared by every run", "common",
                             [Table(["setting", "value"], common_rows, "ll", scroll=True)] if common_rows else
                             [Para(["None."], "note")]))
     best = c.rows[0]
     facts = Facts([("Runs", str(len(c.rows)), c.source or "compared"),
-                   (f"Best {c.objective}", pct(best.best_value) if c.objective == "val_accuracy"
+                   (f"Best {c.objective}", pct(best.best_value) if c.objective != "val_loss"
                     else num(best.best_value), best.name),
                    ("Its test accuracy", pct(best.test_accuracy), f"epoch {best.best_epoch}"),
                    ("Differing flags", str(len(c.columns)), ", ".join(c.columns[:4]) or "none")])

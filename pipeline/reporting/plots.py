@@ -216,7 +216,7 @@ def plot_confusion(model_dir: str, out_dir: str, *, split: str = "test",
     from pipeline import training
 
     require_run(model_dir)
-    result = training.evaluate_checkpoint(model_dir, split=split, checkpoint=checkpoint)
+    result = training.evaluate_checkpoint(model_dir, split=split, checkpoint=checkpoint, top_k=0)
     fig = confusion_figure(result["confusion"], result["class_names"],
                            title=f"Confusion matrix ({split} split, {checkpoint} checkpoint): "
                                  f"{run_label(model_dir)}")

@@ -20,7 +20,7 @@ from typing import Iterable, Optional
 import numpy as np
 
 from pipeline import rundir
-from pipeline.reporting import exports, network, plots
+from pipeline.reporting import exports, mistakes, network, plots
 from pipeline.reporting.status import RunStatus, mtime, read_state, run_status
 
 
@@ -35,6 +35,7 @@ class TestResult:
     per_class: dict = dataclasses.field(default_factory=dict)
     confusion: Optional[list] = None
     class_names: list = dataclasses.field(default_factory=list)
+    evaluation: dict = dataclasses.field(default_factory=dict)  # the whole saved evaluation (`mistakes`)
 
 
 @dataclasses.dataclass
@@ -93,15 +94,17 @@ def _saved_evaluation(model_dir: str, best: str, accuracy: Optional[float]) -> O
 
     Newer than the checkpoint is not enough: `pipeline.evaluate --checkpoint=last`
     writes the same files, so they count only when they agree with the run's
-    own test accuracy (within one image).
+    own test accuracy (within one image): the accuracy without TTA when it was
+    evaluated with TTA. Files from before per-class F1 existed are stale too.
     """
     evaluation = rundir.path(model_dir, "evaluation_test.json")
     confusion = rundir.path(model_dir, "confusion_test.csv")
     if not all(os.path.exists(p) and (mtime(p) or 0) >= (mtime(best) or 0) for p in (evaluation, confusion)):
         return None
     data = rundir.read_json(evaluation, {}) or {}
-    if accuracy is not None and data.get("accuracy") is not None and \
-            not abs(data["accuracy"] - accuracy) <= 1.01 / max(int(data.get("examples") or 1), 1):
+    plain = (data.get("tta_accuracy") or {}).get("none", data.get("accuracy"))
+    if "macro_f1" not in data or (accuracy is not None and plain is not None and
+                                  not abs(plain - accuracy) <= 1.01 / max(int(data.get("examples") or 1), 1)):
         return None
     names, matrix = _read_confusion_csv(confusion)
     data.setdefault("class_names", names)
@@ -128,14 +131,16 @@ def _test_result(model_dir: str, summary: dict, status: RunStatus, *, evaluate: 
         result.reason = "The run is still training: no test evaluation yet."
         return result
     elif evaluate:
-        from pipeline import training  # imports TensorFlow
-        try:
-            raw = training.evaluate_checkpoint(model_dir, split="test", checkpoint="best")
+        from pipeline.training import evaluation  # imports TensorFlow
+        try:  # with the accuracy under flip TTA beside (the report shows both)
+            raw = evaluation.evaluate_checkpoint(model_dir, split="test", checkpoint="best",
+                                                 compare_tta=("none", "flip"))
         except Exception as e:  # data not on this machine, unloadable checkpoint, ...
             result.reason = f"The test split could not be evaluated here ({type(e).__name__}: {e})."
             return result
-        rundir.write_evaluation(model_dir, "test", raw)
-        data = dict(raw, confusion=raw["confusion"].tolist())
+        evaluation.save_evaluation(model_dir, "test", raw)
+        data = {k: v for k, v in raw.items() if k != "top_loss_images"}
+        data["confusion"] = raw["confusion"].tolist()
         source = "per-class numbers from evaluating the best checkpoint (saved as evaluation_test.json)"
     else:
         result.reason = "Test evaluation skipped (evaluate=False)."
@@ -144,6 +149,7 @@ def _test_result(model_dir: str, summary: dict, status: RunStatus, *, evaluate: 
     result.per_class = dict(data.get("per_class") or {})
     result.confusion = data["confusion"]
     result.class_names = list(data.get("class_names") or [])
+    result.evaluation = data
     result.examples = data.get("examples", result.examples)
     if result.accuracy is None:   # interrupted runs: the report's own evaluation
         result.accuracy, result.loss = data.get("accuracy"), data.get("loss")
@@ -171,6 +177,7 @@ def _figures(data: RunData, plots_dir: str) -> None:
         jobs.append(("confusion", "confusion_test.png", lambda: plots.confusion_figure(
             np.asarray(data.test.confusion), data.test.class_names or rundir.read_labels(data.model_dir),
             title=f"Confusion matrix (test split, best checkpoint): {data.name}")))
+    jobs += mistakes.figure_jobs(data.model_dir, data.name, data.test.evaluation)
     for kind, filename, make in jobs:
         try:
             data.figures[kind] = plots.save_figure(make(), os.path.join(plots_dir, filename))

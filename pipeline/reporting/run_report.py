@@ -18,9 +18,11 @@ from typing import Iterable, Optional
 from pipeline import rundir
 from pipeline.reporting.document import (Code, Details, Document, Facts, Image, Para, Row, Section, Table,
                                          count, duration, lr_text, num, pct)
+from pipeline.reporting import deploy_section, mistakes
 from pipeline.reporting.render import render_html, render_markdown
 from pipeline.reporting.run_data import RunData, collect_run
 from pipeline.reporting.settings import flag_settings, setting_text
+from pipeline.reporting import timing
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
@@ -28,7 +30,7 @@ LAYER_ROWS = 6          # layer summary: first and last rows shown when the mode
 
 _OPTIMIZER_SETTINGS = {"optimizer", "learning_rate", "momentum", "nesterov", "weight_decay", "schedule",
                        "lr_boundaries", "lr_decay", "warmup_epochs", "switch_optimizer_epoch",
-                       "backbone_lr_multiplier"}
+                       "backbone_lr_multiplier", "layer_decay"}
 
 
 def _hyperparameter_tables(config: dict) -> list:
@@ -186,6 +188,9 @@ def _facts(data: RunData) -> Facts:
         ("Best val_accuracy", best_text, f"epoch {data.best_epoch}" if data.best_epoch else ""),
         ("Parameters", count(s.get("parameters")), s.get("model") or ""),
         ("Wall time", wall_text, "training, all phases"),
+        *([("Peak memory", f"{s['peak_rss_mb']:.0f} MiB", "resident, whole process"  # issue 19
+            + "".join(f"; {k} {v:.0f} MiB" for k, v in (s.get("peak_device_memory_mb") or {}).items()))]
+          if s.get("peak_rss_mb") else []),
     ])
 
 
@@ -208,6 +213,19 @@ def _data_blocks(data: RunData, dataset: str) -> list:
     if "test" in sizes and not sizes.get("test"):
         blocks.append(Para(["No test split."], "warn"))
     return blocks
+
+
+def _data_report_link(data: RunData, base_dir: str) -> list:
+    """A link to `<run>/data_report/data_report.md` (the data checks of a folder), with its warning count."""
+    report_md = os.path.join(data.model_dir, "data_report", "data_report.md")
+    if not os.path.exists(report_md):
+        return []
+    warnings = (rundir.read_json(os.path.join(data.model_dir, "data_report", "data_report.json")) or {}
+                ).get("warnings") or []
+    href = os.path.relpath(report_md, base_dir).replace(os.sep, "/")
+    return [Para(["Data checks (class counts, sizes, duplicates across splits, EXIF rotations): ",
+                  ("link", "data_report.md", href), f" ({len(warnings)} warning(s))."],
+                 "warn" if warnings else "")]
 
 
 def _hardware_table(summary: dict) -> Table:
@@ -233,6 +251,7 @@ def _training_blocks(data: RunData, base_dir: str) -> list:
         blocks = [Para([("b", "".join(best)), "."]), Row([_epoch_table(data)] + lr_figure)]
     else:
         blocks = [Para(["No finished epoch: metrics.csv is empty or missing."], "warn")] + lr_figure
+    blocks += timing.time_blocks(data.summary, data.config)  # estimate vs actual, --time_budget's choice
     return blocks + _figure(data, "curves", "Training curves", base_dir)
 
 
@@ -246,13 +265,16 @@ def run_document(data: RunData, base_dir: Optional[str] = None) -> Document:
     confusion = _figure(data, "confusion", "Confusion matrix", base_dir)
     sections = [
         Section("Reproduce", "reproduce", _reproduce_blocks(data)),
-        Section("Data", "data", _data_blocks(data, dataset)),
+        Section("Data", "data", _data_blocks(data, dataset) + _data_report_link(data, base_dir)),
         Section("Model", "model", _layer_blocks(data)),
         Section("Precision, strategy and device", "hardware", [_hardware_table(s)]),
         Section("Hyperparameters", "hyperparameters", _hyperparameter_tables(data.config)),
         Section("Training", "training", _training_blocks(data, base_dir)),
         Section("Test results", "test", _test_blocks(data, confusion)),
+        # The mistakes: per-class P/R/F1, highest-loss images, calibration, TTA, class counts.
+        *mistakes.mistakes_sections(data.model_dir, data.test.evaluation, data.figures, base_dir),
         Section("Export", "export", _export_blocks(data)),
+        *deploy_section.deploy_sections(data.model_dir, base_dir),  # ONNX/LiteRT, calibration, rejection
     ]
     subtitle = f"{s.get('model', '?')} on {dataset} · {data.model_dir}"
     return Document(f"Run report: {data.name}", subtitle, status.kind, status.kind, _facts(data), sections, lead)

@@ -125,6 +125,9 @@ def run_status(model_dir: str, summary: Optional[dict] = None,
     status = summary.get("status")
     if status == "completed":
         return RunStatus("completed", done, f"completed: {done} epoch{'s' * (done != 1)} trained.")
+    if status == "budget_exhausted":  # --time_budget stopped it after a committed epoch (pipeline.training.eta)
+        return RunStatus("completed", done, f"stopped by its time budget after epoch {done} (a finished "
+                         f"checkpoint); --resume --model_dir={model_dir} trains the rest.")
     if status == "diverged":
         return RunStatus("diverged", done, f"diverged: the loss became NaN or infinite in epoch "
                          f"{done + 1}; training stopped after epoch {done}, the best checkpoint is kept.")

@@ -14,6 +14,9 @@ Both return `probabilities` (float32 [batch, classes], softmax of the float32
 logits, also for mixed-precision models), `class_ids` (int64 [batch]) and
 `class_names` (string [batch], looked up in the `assets/labels.txt` asset).
 `assets/model_card.json` records the model, data, metrics and provenance.
+ONNX and LiteRT files, calibration, rejection (`is_unknown`, class name
+`unknown`) and TTA come with `export_model(deploy=formats.DeployPlan(...))`
+(see `pipeline.serving.formats`, `head` and `deploy`).
 
 Every version is written into `<name>/.tmp-...` beside its target and renamed
 into place only when complete, so a server watching `<name>/` never sees a
@@ -39,6 +42,8 @@ from typing import Optional, Sequence
 
 import pipeline
 from pipeline import errors, rundir
+from pipeline.serving import head
+from pipeline.serving.head import compute_policy  # noqa: F401 - part of this module's API (tests, reports)
 from pipeline.serving.staging import (
     OLD_PREFIX,
     TMP_PREFIX,
@@ -169,7 +174,7 @@ def _checked_images(images):
         return tf.identity(images)
 
 
-def build_serving_module(model, labels_file: str, image_size: tuple[int, int]):
+def build_serving_module(model, labels_file: str, image_size: tuple[int, int], options=None):
     """A tf.Module with the two serving functions around a Keras model.
 
     Args:
@@ -177,6 +182,7 @@ def build_serving_module(model, labels_file: str, image_size: tuple[int, int]):
       labels_file: a file named `labels.txt`, one class name per line; it is
         saved as the SavedModel asset the class-name lookup reads.
       image_size: (height, width) the model takes.
+      options: a `head.DeployOptions` (TTA, temperature, reject_below); default: the raw softmax.
 
     Returns:
       A tf.Module with `serving_default` and `serving_bytes` tf.functions.
@@ -194,12 +200,11 @@ def build_serving_module(model, labels_file: str, image_size: tuple[int, int]):
             value_dtype=tf.string, value_index=tf.lookup.TextFileIndex.WHOLE_LINE),
         default_value="")
 
+    options = options or head.DeployOptions()
+
     def outputs(images):
-        logits = tf.cast(model(_resize(images, height, width), training=False), tf.float32)
-        probabilities = tf.nn.softmax(logits, axis=-1)
-        class_ids = tf.argmax(probabilities, axis=-1, output_type=tf.int64)
-        return {"probabilities": probabilities, "class_ids": class_ids,
-                "class_names": module.class_table.lookup(class_ids)}
+        result = head.outputs(model, _resize(images, height, width), options)
+        return {**result, "class_names": head.class_names(module.class_table, result)}
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name=IMAGES_INPUT)])
     def serving_default(images):
@@ -217,12 +222,6 @@ def build_serving_module(model, labels_file: str, image_size: tuple[int, int]):
     return module
 
 
-def compute_policy(model) -> str:
-    """The model's dtype policy: a mixed policy if any weighted layer computes under one."""
-    names = {getattr(getattr(layer, "dtype_policy", None), "name", "float32")
-             for layer in model.layers if layer.weights}
-    mixed = sorted(n for n in names if n.startswith("mixed"))
-    return mixed[0] if mixed else "float32"
 
 
 def _image_size(model, image_size) -> tuple[int, int]:
@@ -240,7 +239,7 @@ def _image_size(model, image_size) -> tuple[int, int]:
 
 def export_model(model, labels: Sequence[str], export_root: str, name: str,
                  version: Optional[int] = None, card: Optional[dict] = None, *,
-                 overwrite: bool = False, image_size=None) -> str:
+                 overwrite: bool = False, image_size=None, deploy=None) -> str:
     """Write `model` as `<export_root>/<name>/<version>/`, atomically.
 
     Args:
@@ -252,6 +251,8 @@ def export_model(model, labels: Sequence[str], export_root: str, name: str,
       card: extra entries for `assets/model_card.json`.
       overwrite: replace an existing `version` (atomically) instead of refusing.
       image_size: the model's (height, width) or an int; default: its input shape.
+      deploy: a `formats.DeployPlan` (options, other formats, quantization,
+        checks); default: the SavedModel alone with the raw softmax.
 
     Returns:
       The export directory.
@@ -272,7 +273,9 @@ def export_model(model, labels: Sequence[str], export_root: str, name: str,
         os.makedirs(model_root, exist_ok=True)
         remove_leftovers(model_root)
         tmp = tempfile.mkdtemp(prefix=TMP_PREFIX + writer_tag(), dir=model_root)
-        _write_saved_model(model, labels, (height, width), tmp)
+        options = deploy.options if deploy else None
+        _write_saved_model(model, labels, (height, width), tmp, options)
+        card = {**(card or {}), **(deploy.write(model, labels, (height, width), tmp) if deploy else {})}
         _write_model_card(tmp, _model_card(model, labels, (height, width), card))
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; servers may run as another user
         return _publish(tmp, model_root, version, pinned=pinned, overwrite=overwrite)
@@ -319,7 +322,8 @@ def _check_version(model_root: str, version: Optional[int], *, overwrite: bool) 
     return version
 
 
-def _write_saved_model(model, labels: list[str], image_size: tuple[int, int], directory: str) -> None:
+def _write_saved_model(model, labels: list[str], image_size: tuple[int, int], directory: str,
+                       options=None) -> None:
     """Save the serving module of `model` into `directory`, `labels` as its `assets/labels.txt`.
 
     The labels file is written to a staging folder first: `tf.saved_model.save`
@@ -331,7 +335,7 @@ def _write_saved_model(model, labels: list[str], image_size: tuple[int, int], di
         labels_file = os.path.join(staging, LABELS_FILE)
         with open(labels_file, "w", encoding="utf-8") as f:
             f.write("\n".join(labels) + "\n")
-        module = build_serving_module(model, labels_file, image_size)
+        module = build_serving_module(model, labels_file, image_size, options)
         tf.saved_model.save(module, directory, signatures={DEFAULT_SIGNATURE: module.serving_default,
                                                            BYTES_SIGNATURE: module.serving_bytes})
     finally:
@@ -405,7 +409,7 @@ def _publish(tmp: str, model_root: str, version: int, *, pinned: bool, overwrite
 
 def export_run(model_dir: str, *, export_root: str = "saved_models", name: Optional[str] = None,
                version: Optional[int] = None, overwrite: bool = False,
-               checkpoint: str = "best") -> str:
+               checkpoint: str = "best", planner=None) -> str:
     """Export a run directory's checkpoint; returns the export directory.
 
     Args:
@@ -414,6 +418,9 @@ def export_run(model_dir: str, *, export_root: str = "saved_models", name: Optio
       name: the export name; default `<model>-<dataset>` of the run (`rundir.run_name`).
       version, overwrite: see `export_model`.
       checkpoint: `best` or `last`.
+      planner: called with the loaded model, returns the `formats.DeployPlan` to
+        write (`pipeline.serving.deploy.export_run` makes one from the run's data);
+        None: the SavedModel with the raw softmax.
 
     Raises:
       rundir.RunDirError: the run directory is missing or incomplete.
@@ -448,8 +455,12 @@ def export_run(model_dir: str, *, export_root: str = "saved_models", name: Optio
         if not image_size:
             raise
         size = image_size
-    return export_model(model, labels, export_root, name or rundir.run_name(model_name, dataset),
-                        version, card, overwrite=overwrite, image_size=size)
+    plan = planner(model) if planner is not None else None
+    path = export_model(model, labels, export_root, name or rundir.run_name(model_name, dataset),
+                        version, card, overwrite=overwrite, image_size=size, deploy=plan)
+    if plan is not None and plan.published is not None:
+        plan.published(path)
+    return path
 
 
 def _load_checkpoint(filename: str):

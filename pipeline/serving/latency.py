@@ -8,6 +8,7 @@ memory; no network or request parsing, so a real server adds its own overhead.
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Optional, Sequence
 
@@ -50,7 +51,7 @@ def time_calls(fn, inputs: dict, *, iterations: int, warmup: int = 2,
 
 
 def _fetch(outputs):
-    return {k: v.numpy() for k, v in outputs.items()}
+    return {k: v.numpy() if hasattr(v, "numpy") else v for k, v in outputs.items()}
 
 
 def summarize(times: Sequence[float], batch_size: int) -> dict:
@@ -121,3 +122,42 @@ def measure(export_dir: str, image_size=None, batch_sizes: Sequence[int] = (1, 6
         "latency_p99_ms": smallest["p99_ms"],
         "images_per_second": largest["images_per_second"],
     }
+
+
+def measure_runtimes(export_path: str, image_size=None, batch_sizes: Sequence[int] = (1, 64),
+                     iterations: int = DEFAULT_ITERATIONS, *, warmup: int = 2,
+                     max_seconds: Optional[float] = 60.0, seed: int = 0, threads: int = 0) -> list[dict]:
+    """`measure`'s numbers for every runtime of an export, side by side (float32 images in).
+
+    `export_path`: a version folder (its SavedModel, then its model.onnx and
+    model.tflite when present) or one `.onnx`/`.tflite` file. Each runtime is
+    timed through `runtimes.open_runtime(...).run` on the same random images.
+
+    Returns:
+      One dict per runtime: {"runtime", "export", "image_size", "measurements", ...}.
+    """
+    from pipeline.serving import runtimes
+    if runtimes.kind_of(export_path) == "saved_model":
+        paths = runtimes.runtimes_of(export.resolve_export(export_path))
+        card_dir = paths[0]
+    else:
+        paths, card_dir = [export_path], os.path.dirname(export_path)
+    if image_size is None:
+        image_size = export.read_model_card(card_dir).get("image_size")
+        if image_size is None:
+            raise ValueError(f"{export_path} has no model card with image_size; pass image_size.")
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
+    if not batch_sizes or any(b < 1 for b in batch_sizes):
+        raise ValueError(f"batch sizes must be positive, got {list(batch_sizes)}")
+    results = []
+    for path in paths:
+        runtime = runtimes.open_runtime(path, threads=threads)
+        measurements = []
+        for batch_size in batch_sizes:
+            images = np.random.default_rng(seed).random((batch_size, *size, 3), dtype=np.float32)
+            times = time_calls(lambda images: runtime.run(images), {"images": images},
+                               iterations=iterations, warmup=warmup, max_seconds=max_seconds)
+            measurements.append(summarize(times, batch_size))
+        results.append({"runtime": runtime.name, "export": path, "image_size": list(size),
+                        "measurements": measurements})
+    return results

@@ -1,4 +1,7 @@
-"""Classify image files with an export, exactly as TF Serving would (`python -m pipeline.predict`).
+"""Classify image files with an export, exactly as its runtime would (`python -m pipeline.predict`).
+
+A `.onnx` file runs in onnxruntime and a `.tflite` in the LiteRT interpreter
+(`pipeline.serving.runtimes`), images decoded by PIL; a SavedModel as below.
 
 Loads the SavedModel with `tf.saved_model.load` (the newest version when none
 is named) and sends the files' bytes to its `serving_bytes` signature: no Keras
@@ -18,7 +21,7 @@ import sys
 
 from pipeline import errors
 
-from pipeline.serving.export import BYTES_SIGNATURE, LABELS_FILE, MAGIC, resolve_export
+from pipeline.serving.export import BYTES_SIGNATURE, LABELS_FILE, MAGIC, read_model_card, resolve_export
 
 
 class PredictError(ValueError):
@@ -159,27 +162,75 @@ def _images_under(directory: str) -> list:
     return found
 
 
+def _pixels(name: str):
+    """float32 [H, W, 3] RGB in [0, 1] of an image file, decoded by PIL (the runtimes have no decoder)."""
+    import numpy as np
+    from PIL import Image
+    with Image.open(name) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def runtime_predictions(runtime, files, *, tta: str = "none"):
+    """Yield (file, probabilities or None, error or None) from a `runtimes.Runtime`, image by image.
+
+    With `tta`, the views (`pipeline.tta.tta_views`) go through the export as one
+    batch and their probabilities are averaged.
+    """
+    import numpy as np
+    for name in files:
+        problem = _decode_error(name)
+        if problem is not None:
+            yield name, None, problem
+            continue
+        image = _pixels(name)[None]
+        if tta != "none":
+            from pipeline.tta import tta_views
+            image = np.asarray(tta_views(image, tta))[:, 0]
+        yield name, np.asarray(runtime.run(image)["probabilities"]).mean(axis=0), None
+
+
+def _answers(export: str, files, *, batch_size: int, tta: str):
+    """(labels, reject_below or None, iterator of (file, probabilities, error)) for any export path."""
+    from pipeline.serving import runtimes
+    if runtimes.kind_of(export) == "saved_model" and tta == "none":
+        export_dir, _loaded, signature, labels = load_signature(export)
+        reject = (read_model_card(export_dir).get("deploy") or {}).get("reject_below")
+
+        def saved_model_answers(loaded):  # holds `loaded`: the signature's resources belong to it
+            yield from predict_files(signature, files, batch_size=batch_size)
+        return labels, reject, saved_model_answers(_loaded)
+    runtime = runtimes.open_runtime(export if runtimes.kind_of(export) != "saved_model"
+                                    else resolve_export(export))
+    return runtime.labels, runtime.deploy.get("reject_below"), runtime_predictions(runtime, files, tta=tta)
+
+
 def print_predictions(export: str, files, *, top_k: int = 3, as_json: bool = False,
-                      batch_size: int = 32) -> int:
+                      batch_size: int = 32, tta: str = "none") -> int:
     """Print the top-k classes of every file (a line or a JSON object each); returns the failures.
 
-    Files that do not exist are refused before the export is loaded; a file the
-    model cannot decode is named on stderr and the others are still classified.
+    `export` is a version folder (or its model folder: the newest version), a
+    `.onnx` or a `.tflite` file, run in its own runtime. An export made with
+    `--reject_below=P` answers `unknown` when the top probability is below P
+    (`is_unknown` in JSON). Files that do not exist are refused before the
+    export is loaded; a file the model cannot decode is named on stderr and
+    the others are still classified.
     """
     if not files:
         raise PredictError("no images given: python -m pipeline.predict --export=<export> IMAGE...")
     files = image_files(files)
-    _, _loaded, signature, labels = load_signature(export)
+    labels, reject, answers = _answers(export, files, batch_size=batch_size, tta=tta)
     failed = 0
-    for name, probabilities, error in predict_files(signature, files, batch_size=batch_size):
+    for name, probabilities, error in answers:
         if error is not None:
             failed += 1
             print(f"error: {name}: {error}", file=sys.stderr, flush=True)
             continue
         best = top_k_classes(probabilities, labels, top_k)
+        unknown = reject is not None and float(probabilities.max()) < reject
         if as_json:
-            print(json.dumps({"image": name, "predictions": [
+            print(json.dumps({"image": name, "is_unknown": unknown, "predictions": [
                 {"class_id": i, "class_name": c, "probability": p} for i, c, p in best]}), flush=True)
         else:
-            print(f"{name}: " + ", ".join(f"{c} {p:.4f}" for _, c, p in best), flush=True)
+            print(f"{name}: " + ("unknown; " if unknown else "")
+                  + ", ".join(f"{c} {p:.4f}" for _, c, p in best), flush=True)
     return failed

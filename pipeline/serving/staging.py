@@ -9,7 +9,8 @@ another host). A replaced version whose replacement never arrived is put back.
 
 Fault injection (tests, `rundir.fault_point`): `PIPELINE_FAULT=<point>[,<point>...]` makes the
 exporting process SIGKILL itself at that point of the publish step:
-`export_before_rename` (the version is complete in its temporary folder),
+`export_between_formats` (before each ONNX or LiteRT file, the SavedModel
+written), `export_before_rename` (the version is complete in its temporary folder),
 `export_moved_aside` (`overwrite`: the old version moved aside, the new one not
 yet in place), `export_after_rename` (the version in place, nothing cleaned).
 """
@@ -25,6 +26,8 @@ from pipeline import rundir
 TMP_PREFIX = ".tmp-"
 OLD_PREFIX = ".old-"
 FAULT_POINTS = ("export_before_rename", "export_moved_aside", "export_after_rename")
+# Reached only by exports that write ONNX or LiteRT files beside the SavedModel (`formats.DeployPlan`).
+FORMAT_FAULT_POINTS = ("export_between_formats",)
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 

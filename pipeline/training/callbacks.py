@@ -107,7 +107,8 @@ def epoch_diverged(logs: dict, model) -> bool:
 class RunCheckpoint(keras.callbacks.Callback):
     """Saves each epoch's checkpoint, writes metrics rows, commits state.json naming last and best.
 
-    The best checkpoint is chosen by `monitor` (max mode); a tie goes to the
+    The best checkpoint is chosen by `monitor` (`--best_metric`: max or min
+    mode by `rundir.METRIC_MODES`); a tie goes to the
     later epoch (`>=`), which has trained longer. A non-finite loss or
     val_loss, or a non-finite weight, stops training *before* anything is
     saved, so the kept checkpoints are always finite.
@@ -117,14 +118,21 @@ class RunCheckpoint(keras.callbacks.Callback):
       monitor: metric deciding the best checkpoint (`val_accuracy`, or
         `accuracy` for runs without a validation split).
       state: the state dict loaded on resume (epochs_done, best_value, best_epoch).
-      epoch_offset: epochs finished before this `fit` call's numbering starts.
+      ema: the run's `ema.WeightAverage` (None without --ema_decay): the loop
+        calls on_epoch_end with the average swapped into the model, so the
+        checkpoint holds it, and the raw weights go beside it first
+        (`ema.raw_weights_file`), both before the commit.
     """
 
-    def __init__(self, model_dir: str, *, monitor: str = "val_accuracy", state: dict | None = None):
+    def __init__(self, model_dir: str, *, monitor: str = "val_accuracy", state: dict | None = None,
+                 ema=None):
         super().__init__()
         self.model_dir = model_dir
         self.monitor = monitor
+        self.ema = ema
         self.state = dict(state or {"epochs_done": 0, "best_value": None, "best_epoch": None})
+        if self.state.get("best_metric", monitor) != monitor:  # resumed with another --best_metric
+            self.state["best_value"] = None  # its values do not compare: the next epoch starts the new ranking
         self.metrics = MetricsLog(rundir.path(model_dir, rundir.METRICS_FILE))
         self.diverged_at = None
 
@@ -137,9 +145,12 @@ class RunCheckpoint(keras.callbacks.Callback):
         number = epoch + 1
         value = logs.get(self.monitor)
         filename = rundir.epoch_checkpoint(self.model_dir, number)
+        if self.ema is not None:
+            self.ema.write_raw(filename)
         rundir.save_model_atomic(self.model, filename)
         rundir.fault_point("after_checkpoint")
-        state = dict(self.state, epochs_done=number, last_checkpoint=os.path.basename(filename))
+        state = dict(self.state, epochs_done=number, last_checkpoint=os.path.basename(filename),
+                     best_metric=self.monitor)
         if value is not None and rundir.improves(float(value), state.get("best_value"), self.monitor):
             state.update(best_value=float(value), best_epoch=number, best_checkpoint=state["last_checkpoint"])
         self.metrics.append({"epoch": number, **logs})

@@ -10,19 +10,20 @@ from __future__ import annotations
 import tensorflow as tf
 
 from pipeline import config as cfg
-from pipeline.data.augment import mixup
+from pipeline.data import mixing
 from pipeline.training import phases
 
 
-def one_hot(ds, num_classes, *, mixup_alpha=0.0, seed=0, first_batch=0):
-    """One-hot labels, then MixUp seeded by (`seed`, batch index counted from `first_batch`)."""
+def one_hot(ds, num_classes, *, mixup_alpha=0.0, seed=0, first_batch=0, cutmix_alpha=0.0, switch_prob=0.5):
+    """One-hot labels, then MixUp/CutMix (`mixing.mix_batch`) seeded by (`seed`, batch index from `first_batch`)."""
     if ds is None:
         return None
     ds = ds.map(lambda x, y: (x, tf.one_hot(y, num_classes)), num_parallel_calls=tf.data.AUTOTUNE)
-    if mixup_alpha > 0:
+    if mixup_alpha > 0 or cutmix_alpha > 0:
         counter = tf.data.Dataset.counter(start=first_batch)
+        mix = dict(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, switch_prob=switch_prob)
         ds = tf.data.Dataset.zip((ds, counter)).map(
-            lambda xy, i: mixup(xy[0], xy[1], mixup_alpha, tf.stack([tf.cast(seed, tf.int64), i])),
+            lambda xy, i: mixing.mix_batch(xy[0], xy[1], tf.stack([tf.cast(seed, tf.int64), i]), **mix),
             num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
@@ -37,11 +38,12 @@ def epoch_data(t: cfg.TrainConfig, runner, datasets, budget: phases.StepBudget):
     alpha = phases.mixup_alpha(t, budget, datasets.num_train)
 
     def data(epoch: int):
+        mix = mixing.epoch_mixing(t, alpha, epoch)  # MixUp/CutMix of this epoch (off from --mix_off_epoch)
         if t.steps_per_epoch:
             batches = stream.steps(epoch, budget.steps_per_epoch)
-            return runner.distribute(one_hot(batches, num_classes, mixup_alpha=alpha, seed=t.seed,
-                                             first_batch=epoch * budget.steps_per_epoch))
-        return runner.distribute(one_hot(stream.epoch(epoch), num_classes, mixup_alpha=alpha,
-                                         seed=t.seed * 1_000_003 + epoch))
+            return runner.distribute(one_hot(batches, num_classes, seed=t.seed,
+                                             first_batch=epoch * budget.steps_per_epoch, **mix))
+        return runner.distribute(one_hot(stream.epoch(epoch), num_classes,
+                                         seed=t.seed * 1_000_003 + epoch, **mix))
 
     return data

@@ -26,6 +26,36 @@ every strategy (default, mirrored, multi-worker, TPU). So this is the only path:
   `accuracy`, `val_loss`, `val_accuracy`; `model.stop_training` is honoured
   after every execution and every epoch. `on_train_begin/end` are the caller's
   (`training.train` calls them once per run, across its phases).
+
+Training recipes (each off by default, and then not in the traced step at all:
+`tests/test_recipes_loop.py` compares the default step's graph to the plain one):
+
+* `accumulation_steps=K`: each optimizer step's batch (`--batch_size`, the
+  effective batch) is cut into K micro-batches per replica, run one after the
+  other in a `tf.while_loop` (`parallel_iterations=1`, so only one
+  micro-batch's activations are alive), gradients summed; the loss is still
+  divided by the step's global number of examples, so the summed gradient is
+  the full batch's (exact for GroupNorm models; BatchNorm normalizes and
+  updates its statistics per micro-batch). The optimizer, its schedule,
+  warm-up, EMA and metrics see one step. Why not Keras's
+  `gradient_accumulation_steps`: it steps the learning-rate schedule with its
+  micro-step counter (`_learning_rate(self._iterations)`), and expects K calls
+  of `apply` with K input batches of `batch/K`.
+* `clip_norm`: the gradient is clipped to this global norm *after* the
+  cross-replica sum: the norm of the summed gradient (one extra all-reduce
+  when there are several replicas), then every replica's gradient times the
+  same factor (`tf.clip_by_global_norm(..., use_norm=)`), so `apply`'s sum is the
+  clipped sum. Keras's `clipnorm`/`global_clipnorm` clip each replica's
+  gradient before the all-reduce. Under mixed_float16 the threshold is scaled
+  with the loss scale (the gradients are still scaled here).
+* `class_weights`: per-class weights of the training loss
+  (`pipeline.training.class_weights.example_weights`).
+* `ema`: a `pipeline.training.ema.WeightAverage`, updated once per optimizer
+  step; validation and `on_epoch_end` (the checkpoint) run with the average
+  swapped in, and the raw weights' validation is logged as `val_*_raw`.
+
+Validation also reports `macro_f1` (`keras.metrics.F1Score(average="macro")`
+over the argmax), so `--best_metric=val_macro_f1` can choose the best epoch.
 """
 from __future__ import annotations
 
@@ -33,6 +63,10 @@ from typing import Optional
 
 import keras
 import tensorflow as tf
+
+from pipeline.training import class_weights as class_weights_lib
+from pipeline.training import ema as ema_lib
+from pipeline.training.class_weights import example_weights
 
 
 def steps_of(dataset: Optional[tf.data.Dataset]) -> Optional[int]:
@@ -49,6 +83,18 @@ def callback_list(callbacks, *, model, epochs: int, steps: int, verbose: int) ->
                                         verbose=verbose, epochs=epochs, steps=steps, model=model)
 
 
+def recipe_options(t, model, strategy, datasets) -> dict:
+    """The Loop's recipe arguments for a run's TrainConfig `t` (EMA, clipping, accumulation, class weights).
+
+    The EMA starts from `model`'s weights now (build it after any pretrained
+    or --init_from weights are loaded); one object serves every phase.
+    """
+    average = (ema_lib.WeightAverage(model, strategy, decay=t.ema_decay, warmup=t.ema_warmup)
+               if t.ema_decay else None)
+    return {"ema": average, "clip_norm": t.clip_norm, "accumulation_steps": t.accumulation_steps,
+            "class_weights": class_weights_lib.class_weights(t.class_weight, datasets)}
+
+
 class Loop:
     """Trains and evaluates `model` under `strategy` (build both inside `strategy.scope()`).
 
@@ -56,25 +102,41 @@ class Loop:
       model: a built Keras model whose variables belong to `strategy`.
       strategy: any tf.distribute strategy.
       label_smoothing: of the categorical cross-entropy (labels are one-hot).
+      ema: a `ema.WeightAverage` of the model, or None.
+      clip_norm: clip the summed gradient to this global norm (0: off).
+      accumulation_steps: micro-batches per optimizer step (1: off).
+      class_weights: per-class training-loss weights [classes], or None.
     """
 
-    def __init__(self, model: keras.Model, strategy, *, label_smoothing: float = 0.0):
+    def __init__(self, model: keras.Model, strategy, *, label_smoothing: float = 0.0, ema=None,
+                 clip_norm: float = 0.0, accumulation_steps: int = 1, class_weights=None):
         self.model, self.strategy = model, strategy
         self.optimizer = None
         self._replicas = strategy.num_replicas_in_sync
+        self.label_smoothing = label_smoothing
+        self.ema, self.clip_norm, self.accumulation_steps = ema, float(clip_norm or 0.0), int(accumulation_steps)
+        self.class_weights = None if class_weights is None else tf.constant(class_weights, tf.float32)
         with strategy.scope():
             self._loss = keras.losses.CategoricalCrossentropy(
                 from_logits=True, label_smoothing=label_smoothing, reduction=None)
             self.train_metrics = [keras.metrics.Mean(name="loss"),
                                   keras.metrics.CategoricalAccuracy(name="accuracy")]
             self.eval_metrics = [keras.metrics.Mean(name="loss"),
-                                 keras.metrics.CategoricalAccuracy(name="accuracy")]
+                                 keras.metrics.CategoricalAccuracy(name="accuracy"),
+                                 keras.metrics.F1Score(average="macro", name="macro_f1")]
         self._train_function = None
         self._eval_function = None
         self._iterator = None  # kept across epochs for repeated (steps_per_epoch) data
         self.steps_per_execution = 1
 
     # ------------------------------------------------------------------ setup
+
+    @property
+    def recipes(self) -> dict:
+        """This loop's recipe options, for a second Loop that trains part of the same run (a head on features)."""
+        weights = None if self.class_weights is None else self.class_weights.numpy()
+        return {"ema": self.ema, "clip_norm": self.clip_norm, "accumulation_steps": self.accumulation_steps,
+                "class_weights": weights}
 
     def distribute(self, dataset: Optional[tf.data.Dataset]):
         """The distributed form of a batched dataset (None stays None)."""
@@ -106,27 +168,79 @@ class Loop:
         return tf.add_n([tf.cast(v, tf.float32) for v in losses]) if losses else None
 
     def _update(self, metrics, y, logits, per_example, regularization):
-        loss_metric, accuracy = metrics
+        loss_metric, accuracy, *more = metrics
         loss_metric.update_state(per_example if regularization is None else per_example + regularization)
         accuracy.update_state(y, logits)
+        for metric in more:  # macro F1 (validation)
+            metric.update_state(y, tf.cast(logits, tf.float32))
 
     def _train_step(self, x, y):
-        model, optimizer = self.model, self.optimizer
+        optimizer = self.optimizer
         examples = tf.cast(tf.shape(y)[0], tf.float32)
         if self._replicas > 1:
             examples = tf.distribute.get_replica_context().all_reduce(
                 tf.distribute.ReduceOp.SUM, examples)
+        variables = self.model.trainable_variables
+        if self.accumulation_steps > 1:
+            gradients = self._accumulated_gradients(x, y, examples, variables)
+        else:
+            gradients = self._gradients(x, y, examples, variables)
+        if self.clip_norm:
+            gradients = self._clipped(gradients)
+        optimizer.apply(gradients, variables)
+        if self.ema is not None:
+            self.ema.update()
+
+    def _gradients(self, x, y, examples, variables, regularization_share=None):
+        """Gradients of this (micro-)batch's share of the step's loss; updates the training metrics."""
         with tf.GradientTape() as tape:
-            logits = model(x, training=True)
+            logits = self.model(x, training=True)
             per_example = self._per_example_loss(y, logits)
+            if self.class_weights is not None:
+                per_example *= example_weights(y, self.class_weights, label_smoothing=self.label_smoothing)
             loss = tf.reduce_sum(per_example) / tf.maximum(examples, 1.0)
             regularization = self._regularization()
             if regularization is not None:
-                loss += tf.nn.scale_regularization_loss(regularization)
-            scaled = optimizer.scale_loss(loss)
-        variables = model.trainable_variables
-        optimizer.apply(tape.gradient(scaled, variables), variables)
+                share = tf.nn.scale_regularization_loss(regularization)
+                loss += share if regularization_share is None else share * regularization_share
+            scaled = self.optimizer.scale_loss(loss)
+        gradients = tape.gradient(scaled, variables)
         self._update(self.train_metrics, y, logits, per_example, regularization)
+        return gradients
+
+    def _accumulated_gradients(self, x, y, examples, variables):
+        """The summed gradients of `accumulation_steps` consecutive micro-batches of this replica's batch.
+
+        A batch with fewer rows than micro-batches (a short last batch) is cut
+        into one-row micro-batches: no micro-batch is empty (BatchNorm of an
+        empty batch is NaN).
+        """
+        rows = tf.shape(y)[0]
+        parts = tf.minimum(tf.constant(self.accumulation_steps), rows)
+        share = 1.0 / tf.cast(tf.maximum(parts, 1), tf.float32)
+
+        def body(i, total):
+            lo, hi = i * rows // parts, (i + 1) * rows // parts
+            gradients = self._gradients(x[lo:hi], y[lo:hi], examples, variables, regularization_share=share)
+            return i + 1, [t + (tf.zeros_like(t) if g is None else tf.cast(tf.convert_to_tensor(g), t.dtype))
+                           for t, g in zip(total, gradients)]
+
+        zeros = [tf.zeros(v.shape, v.dtype) for v in variables]
+        _, total = tf.while_loop(lambda i, _: i < parts, body, (tf.constant(0), zeros), parallel_iterations=1)
+        return total
+
+    def _clipped(self, gradients):
+        """Every replica's gradients x one factor that brings the *summed* gradient's norm to <= clip_norm."""
+        present = [g for g in gradients if g is not None]
+        summed = present
+        if self._replicas > 1:
+            summed = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, present)
+        threshold = tf.constant(self.clip_norm, tf.float32)
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            threshold *= tf.cast(self.optimizer.dynamic_scale, tf.float32)
+        clipped, _ = tf.clip_by_global_norm(present, threshold, use_norm=tf.linalg.global_norm(summed))
+        clipped = iter(clipped)
+        return [None if g is None else next(clipped) for g in gradients]
 
     def _eval_step(self, x, y):
         logits = self.model(x, training=False)
@@ -134,6 +248,14 @@ class Loop:
                      self._regularization())
 
     # ------------------------------------------------------------------ compiled functions
+
+    def trace_train_step(self, x_spec: tf.TensorSpec, y_spec: tf.TensorSpec):
+        """The concrete function of one `strategy.run(train_step)` for these specs (to inspect its graph).
+
+        What the recipe options add to a training step shows here: off, they add nothing.
+        """
+        step = tf.autograph.experimental.do_not_convert(self._train_step)
+        return tf.function(lambda x, y: self.strategy.run(step, args=(x, y))).get_concrete_function(x_spec, y_spec)
 
     def _make_function(self, step, metrics):
         step = tf.autograph.experimental.do_not_convert(step)
@@ -198,6 +320,15 @@ class Loop:
             if done < want or self.model.stop_training:
                 break
         logs = {m.name: float(m.result()) for m in self.train_metrics}
+        if self.ema is None:
+            return self._end_epoch(epoch, logs, callbacks, validation, validation_steps)
+        if validation is not None:  # the raw weights first, then (what counts) their average
+            raw = self.evaluate(validation, steps=validation_steps)
+            logs.update({f"val_{k}_raw": v for k, v in raw.items()})
+        with self.ema.swapped_in():  # the checkpoint (on_epoch_end) holds the average too
+            return self._end_epoch(epoch, logs, callbacks, validation, validation_steps)
+
+    def _end_epoch(self, epoch, logs, callbacks, validation, validation_steps):
         if validation is not None:
             val = self.evaluate(validation, steps=validation_steps, callbacks=callbacks)
             logs.update({f"val_{k}": v for k, v in val.items()})
@@ -205,7 +336,7 @@ class Loop:
         return logs
 
     def evaluate(self, dataset, *, steps: Optional[int] = None, callbacks=None) -> dict:
-        """`{"loss", "accuracy"}` over a whole distributed dataset (test callbacks if given).
+        """`{"loss", "accuracy", "macro_f1"}` over a whole distributed dataset (test callbacks if given).
 
         `steps`, its number of batches when known, saves a last call that only
         finds the data exhausted (and an unmatched `on_test_batch_begin`).

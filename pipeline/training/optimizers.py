@@ -1,4 +1,5 @@
-"""Optimizers by name, and a per-variable learning rate for the backbone of a fine-tuned model.
+"""Optimizers by name, and per-variable learning rates: the backbone multiplier of a fine-tuned
+model and layer-wise decay (`--layer_decay`), in one mechanism.
 
 Weight decay is Keras's decoupled form for every optimizer (for SGD without
 momentum it equals an L2 term of weight_decay/2 * |w|^2 in the loss).
@@ -52,26 +53,37 @@ def variable_key(optimizer: keras.optimizers.Optimizer, variable):
 
 
 class _BackboneLR:
-    """Scales the learning rate of every variable outside the head by `backbone_lr_multiplier`.
+    """Per-variable learning rates: `backbone_lr_multiplier` for every variable outside the head,
+    times `variable_lr_multipliers[path]` (layer-wise decay: `pipeline.models.stages`) where given.
 
     Keras 3 optimizers apply each variable's update in the public extension
     point `update_step(gradient, variable, learning_rate)`, so one override
     gives every optimizer a per-group learning rate without a second optimizer
-    or a custom train step. (Decoupled weight decay still uses the base rate.)
+    or a custom train step. Decoupled weight decay still uses the base rate
+    (Keras applies it outside `update_step`), so `--layer_decay` leaves it as it is.
     """
 
-    def __init__(self, *args, backbone_lr_multiplier: float, head_variable_paths, **kwargs):
+    def __init__(self, *args, backbone_lr_multiplier: float = 1.0, head_variable_paths=(),
+                 variable_lr_multipliers=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.backbone_lr_multiplier = float(backbone_lr_multiplier)
         self.head_variable_paths = frozenset(head_variable_paths)
+        self.variable_lr_multipliers = dict(variable_lr_multipliers or {})
+
+    def lr_multiplier(self, path: str) -> float:
+        """The factor on the scheduled learning rate of the variable at `path`."""
+        backbone = 1.0 if path in self.head_variable_paths else self.backbone_lr_multiplier
+        return backbone * self.variable_lr_multipliers.get(path, 1.0)
 
     def build(self, variables):
-        self._head_keys = {variable_key(self, v) for v in variables if v.path in self.head_variable_paths}
+        self._multipliers = {variable_key(self, v): m for v in variables
+                             if (m := self.lr_multiplier(v.path)) != 1.0}
         super().build(variables)
 
     def update_step(self, gradient, variable, learning_rate):
-        if variable_key(self, variable) not in self._head_keys:
-            learning_rate = learning_rate * self.backbone_lr_multiplier
+        multiplier = self._multipliers.get(variable_key(self, variable))
+        if multiplier is not None:
+            learning_rate = learning_rate * multiplier
         return super().update_step(gradient, variable, learning_rate)
 
 
@@ -82,19 +94,23 @@ def backbone_lr_class(base: type) -> type:
 
 
 def make_optimizer(o: cfg.OptimizerConfig, learning_rate, *, backbone_lr_multiplier: float = 1.0,
-                   head_variable_paths=()):
+                   head_variable_paths=(), variable_lr_multipliers=None):
     """A Keras optimizer from its config and a float or schedule learning rate.
 
     With `backbone_lr_multiplier != 1`, variables whose `.path` is not in
-    `head_variable_paths` learn at `multiplier x` the scheduled rate.
+    `head_variable_paths` learn at `multiplier x` the scheduled rate; a
+    variable listed in `variable_lr_multipliers` (path -> factor, e.g.
+    `stages.layer_decay_multipliers`) learns at that factor x as well. With
+    neither, the plain Keras class is returned (nothing added to the step).
     """
     if o.name not in OPTIMIZERS:
         raise ValueError(f"Unknown optimizer {o.name!r}; choose from {', '.join(OPTIMIZERS)}.")
     cls, kwargs = OPTIMIZERS[o.name](o)
-    if backbone_lr_multiplier == 1.0:
+    if backbone_lr_multiplier == 1.0 and not variable_lr_multipliers:
         return cls(learning_rate, **kwargs)
     return backbone_lr_class(cls)(learning_rate, backbone_lr_multiplier=backbone_lr_multiplier,
-                                  head_variable_paths=head_variable_paths, **kwargs)
+                                  head_variable_paths=head_variable_paths,
+                                  variable_lr_multipliers=variable_lr_multipliers, **kwargs)
 
 
 def head_variable_paths(model: keras.Model) -> set:

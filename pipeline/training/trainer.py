@@ -25,11 +25,15 @@ from absl import logging
 
 from pipeline import config as cfg
 from pipeline import data, errors, rundir, validation
+from pipeline.data import inspection
 from pipeline.models import create_model, weights_provenance
 from pipeline.models.pretrained import set_backbone_trainable
+from pipeline.models.stages import layer_decay_multipliers
 from pipeline.training import callbacks as cbs
 from pipeline.training import distribute, inputs, phases, precision, tensorboard
+from pipeline.training import feature_cache, memory, remat
 from pipeline.training import loop as loop_lib
+from pipeline.training import budget as time_budget, eta  # the run's clock and --hyperrule_steps (issue 20)
 from pipeline.training.evaluation import load_model_weights
 from pipeline.training.optimizers import head_variable_paths, make_optimizer
 
@@ -160,6 +164,7 @@ class _Job:
     policy: str = ""
     dist: dict = dataclasses.field(default_factory=dict)
     weights: Optional[dict] = None  # where the model's pretrained weights came from
+    clock: Optional[eta.RunClock] = None  # the run's estimate, ETA and time budget
 
 
 def _train(job: _Job, *, datasets, model, extra_callbacks) -> TrainResult:
@@ -169,19 +174,24 @@ def _train(job: _Job, *, datasets, model, extra_callbacks) -> TrainResult:
     job.policy = precision.apply_precision(t.precision)
     job.dist = _distribution(job)
     datasets, drop_remainder = _datasets(job, datasets)
-    budget = phases.step_budget(t, num_train=datasets.num_train, batch_size=run.data.batch_size,
-                                drop_remainder=drop_remainder)
+    budget = time_budget.step_budget(t, num_train=datasets.num_train, batch_size=run.data.batch_size,
+                                     drop_remainder=drop_remainder)
     validation.check_against_data(run, datasets.num_train, budget.epochs)  # before any build or write
+    inspection.check_before_training(run.data, job.write_dir, resume=run.resume)  # folders: <run>/data_report/
     _write_run_files(run, datasets, job.write_dir)
     num_classes = len(datasets.class_names)
     val_ds = inputs.one_hot(datasets.val, num_classes)
-    monitor = "val_accuracy" if val_ds is not None else "accuracy"
+    monitor = t.best_metric if val_ds is not None else "accuracy"
     state = _resume_state(job)
     model = _model_in_scope(job, datasets, model)
     job.weights = weights_provenance(run.model.name, run.model.weights)
-    checkpoint = cbs.RunCheckpoint(job.write_dir, monitor=monitor, state=state)
+    recipes = loop_lib.recipe_options(t, model, job.strategy, datasets)  # EMA, clipping, accumulation, weights
+    checkpoint = cbs.RunCheckpoint(job.write_dir, monitor=monitor, state=state, ema=recipes["ema"])
     callbacks = _callbacks(job, datasets, budget, checkpoint, extra_callbacks)
-    runner = loop_lib.Loop(model, job.strategy, label_smoothing=t.label_smoothing)
+    runner = loop_lib.Loop(remat.for_training(model, t.remat), job.strategy, label_smoothing=t.label_smoothing,
+                           **recipes)  # --remat: the loop runs the model as checkpointed blocks
+    runner = feature_cache.cached_runner(run, runner, model, datasets, write_dir=job.write_dir, policy=job.policy,
+                                         mixup_alpha=phases.mixup_alpha(t, budget, datasets.num_train))
     train_data = inputs.epoch_data(t, runner, datasets, budget)
 
     begun = []
@@ -196,7 +206,7 @@ def _train(job: _Job, *, datasets, model, extra_callbacks) -> TrainResult:
         _run_phases(job, runner, model, budget, callbacks, checkpoint, (train_data, val_ds), started)
     state = checkpoint.state
     test = _test_evaluation(job, runner, model, datasets, state)
-    status = "diverged" if checkpoint.diverged_at else "completed"
+    status = "diverged" if checkpoint.diverged_at else job.clock.status("completed")
     summary = _write_summary(job, datasets, model, status=status, state=state, test=test)
     if checkpoint.diverged_at:
         kept = (f"The best checkpoint (epoch {state['best_epoch']}) is kept in "
@@ -289,7 +299,9 @@ def _callbacks(job: _Job, datasets, budget: phases.StepBudget, checkpoint, extra
     """Epoch statistics, the run checkpoint, TensorBoard (scalars, insight), then the caller's."""
     t = job.run.train
     images = budget.steps_per_epoch * job.run.data.batch_size if budget.full_batches else datasets.num_train
-    callbacks = [cbs.EpochStats(images), checkpoint]
+    job.clock = eta.clock_for_run(job.run, budget, datasets, wall_start=job.wall_start)
+    callbacks = [cbs.EpochStats(images), job.clock, checkpoint,
+                 memory.MemoryForecast(job.run.data.batch_size, remat=t.remat)]
     if t.tensorboard:
         callbacks.append(keras.callbacks.TensorBoard(rundir.path(job.write_dir, rundir.TENSORBOARD_DIR),
                                                      write_graph=False))
@@ -308,7 +320,9 @@ def _compile_phase(job: _Job, model, phase: phases.Phase, budget: phases.StepBud
                                  hyperrule=budget.hyperrule, lr_scale=job.dist["lr_scale"])
         multiplier = 1.0 if phase.freeze_backbone else t.backbone_lr_multiplier
         optimizer = make_optimizer(phase.optimizer, lr, backbone_lr_multiplier=multiplier,
-                                   head_variable_paths=head_variable_paths(model))
+                                   head_variable_paths=head_variable_paths(model),
+                                   variable_lr_multipliers=layer_decay_multipliers(  # issue 16
+                                       model, job.run.model.name, t.layer_decay))
         if job.policy == "mixed_float16":  # dynamic loss scaling (compile would add it too)
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         # The loop trains; compile attaches the optimizer (saved in checkpoints, read by
@@ -349,6 +363,8 @@ def _run_phases(job: _Job, runner, model, budget: phases.StepBudget, callbacks, 
             if phase.end <= checkpoint.state["epochs_done"]:
                 continue
             _compile_phase(job, model, phase, budget, restore=restore)
+            if restore and checkpoint.ema is not None:  # the checkpoint holds the average: raw weights, count
+                checkpoint.ema.resume(rundir.committed_checkpoint(job.run.model_dir, "last"))
             restore = False
             runner.set_optimizer(model.optimizer)
             if not begun:
@@ -414,12 +430,14 @@ def _write_summary(job: _Job, datasets, model, *, status, state, test=(None, Non
         "test_loss": test[0],
         "test_accuracy": test[1],
         "wall_seconds": round(wall, 2),
+        "time": job.clock.summary() if job.clock else None,  # estimate, step time, budget (eta.RunClock)
         "weights": job.weights,
         "precision": job.policy,
         **job.dist,
         "device": precision.device_description(),
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
+        **memory.summary_fields(),  # peak resident memory (and GPUs' peaks) so far
     }
     rundir.write_json_atomic(rundir.path(job.write_dir, rundir.SUMMARY_FILE), summary)
     return summary

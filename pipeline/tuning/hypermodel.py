@@ -29,7 +29,7 @@ from pipeline.tuning import kt_adapter, layout
 from pipeline.tuning.overrides import apply_overrides, override_flags_text
 from pipeline.tuning.space import SearchSpace
 
-TUNERS = ("random", "hyperband", "bayesian", "grid")
+TUNERS = layout.TUNERS
 HYPERBAND_FACTOR = 3
 
 
@@ -56,7 +56,8 @@ def best_epoch_metrics(model_dir: str, objective: str) -> Optional[dict]:
     best = rundir.best_row(rundir.read_metrics(model_dir), objective)
     if best is None:
         return None
-    out = {k: float(best[k]) for k in ("loss", "accuracy", "val_loss", "val_accuracy") if best.get(k) is not None}
+    out = {k: float(best[k]) for k in ("loss", "accuracy", "val_loss", "val_accuracy", "val_macro_f1")
+           if best.get(k) is not None}
     out["best_epoch"] = float(best["epoch"])
     return out
 
@@ -68,7 +69,7 @@ class PipelineHyperModel(kt.HyperModel):
       base: the untuned RunConfig (its `flags_text` is the base of every trial's flags.cfg).
       space: the SearchSpace (see `make_search_space`).
       tune_dir: the search directory; trial runs go to `<tune_dir>/trials/<trial_id>`.
-      objective: `val_accuracy` or `val_loss`.
+      objective: `val_accuracy`, `val_loss` or `val_macro_f1` (`layout.OBJECTIVES`).
       max_epochs_per_trial: each trial's epochs (hyperband: the largest budget);
         None keeps `base.train.epochs`. `--lr_boundaries` scale with it.
       early_stopping_patience: > 0 stops a trial after this many epochs without

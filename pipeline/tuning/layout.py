@@ -16,7 +16,10 @@ BEST_CFG = "best.cfg"
 SEARCH_FILE = "search.json"
 TRIAL_INFO_FILE = "tuning.json"  # written into each trial's run directory
 # What a search may optimize, and in which direction.
-OBJECTIVES = {name: rundir.METRIC_MODES[name] for name in ("val_accuracy", "val_loss")}
+# keras-tuner oracles `pipeline.tune --tuner` offers (built in `hypermodel.make_tuner`).
+TUNERS = ("random", "hyperband", "bayesian", "grid")
+# val_macro_f1 (the validation epoch's macro-F1) is for imbalanced data: every class counts alike.
+OBJECTIVES = {name: rundir.METRIC_MODES[name] for name in ("val_accuracy", "val_loss", "val_macro_f1")}
 
 
 def is_tuning_dir(path: str) -> bool:

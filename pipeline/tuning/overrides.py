@@ -50,8 +50,12 @@ def apply_overrides(run: cfg.RunConfig, overrides: Mapping[str, Any], **replace)
             model["name"] = value
         elif name == "width_multiplier":
             model["width_multiplier"] = float(value)
+        elif name == "drop_path":  # issue 16: a model option
+            model["drop_path"] = float(value)
         elif name == "lr_boundaries":
             train["lr_boundaries"] = tuple(float(b) for b in value)
+        elif name in ("randaugment_ops", "randaugment_magnitude", "random_erasing", "color_jitter"):
+            data[name] = value  # issue 16: augmentation policy options are DataConfig fields
         elif name in {f.name for f in dataclasses.fields(cfg.TrainConfig)}:
             train[name] = value
         else:

@@ -44,6 +44,7 @@ def base_run_config(run: cfg.RunConfig, verb: str = "train") -> cfg.RunConfig:
         pins = {name: None for name in FINETUNE_FLAGS}
     else:  # pipeline.finetune would pick pretrained weights for an unset --weights; the trials use none
         pins = {"weights": run.model.weights or "none"}
+    pins["time_budget"] = None  # the search's budget, not a trial's (its flags repeat it without one)
     return dataclasses.replace(run, flags_text=override_flags_text(run.flags_text, pins))
 
 
@@ -54,12 +55,25 @@ def trial_verb(base: cfg.RunConfig, space: SearchSpace) -> str:
     return "finetune" if finetune else "train"
 
 
+def _budget_callbacks(oracle, seconds: Optional[float]) -> list:
+    """--time_budget: no new trial once the rest of the budget is less than the last trial took."""
+    if not seconds:
+        return []
+    from pipeline.training import budget, eta
+
+    def stop(left, needed):
+        oracle.max_trials = len(oracle.trials)  # the attribute Oracle.create_trial checks (kt_adapter)
+        print(f"time budget: {budget.format_duration(left)} left, less than the last trial's "
+              f"{budget.format_duration(needed)}: no more trials", flush=True)
+    return [eta.SearchBudget(budget.process_start_time() + seconds, stop)]
+
+
 def _search_record(hypermodel: PipelineHyperModel, kind: str, executions: int) -> dict:
     """What a resumed search must share with the search it resumes."""
     base = cfg.to_dict(hypermodel.base)
     base.pop("model_dir", None)
     base.pop("resume", None)
-    for name in ("verbose", "tensorboard"):  # no effect on results
+    for name in ("verbose", "tensorboard", "time_budget"):  # no effect on results (a budget: on their number)
         base["train"].pop(name, None)
     return {"tuner": kind, "objective": hypermodel.objective, "space": hypermodel.space.describe(),
             "max_epochs_per_trial": hypermodel.max_epochs_per_trial, "executions_per_trial": executions,
@@ -149,7 +163,9 @@ def search(base: cfg.RunConfig, space: SearchSpace, tune_dir: str, *, tuner: str
             print(f"  {line}", flush=True)
     kt_tuner = make_tuner(tuner, hypermodel, max_trials=max_trials, executions_per_trial=executions_per_trial,
                           overwrite=overwrite, seed=t.seed, initial_random_trials=initial_random_trials)
-    kt_tuner.search(callbacks=list(callbacks))
+    kt_tuner.search(callbacks=list(callbacks) + _budget_callbacks(kt_tuner.oracle, t.time_budget))
+    if t.time_budget and role != "worker":
+        print(f"time budget: ran {len(kt_tuner.oracle.trials)} of --max_trials={max_trials} trials", flush=True)
     if role == "worker":
         return SearchResult(tune_dir, role, objective, [], None, None, None)
     return write_results(kt_tuner.oracle, hypermodel, role=role, verb=verb)

@@ -9,14 +9,36 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
-from typing import Any, Mapping, Optional, Sequence
-
-import keras_tuner as kt
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 from pipeline import config as cfg
-from pipeline.models import registry
-from pipeline.training import optimizers, schedules
 from pipeline.tuning.overrides import format_value
+
+if TYPE_CHECKING:
+    import keras_tuner as kt
+
+
+# keras-tuner, the model registry and the optimizers import TensorFlow; the table
+# below does not, so `pipeline.tune` defines its flags (and answers --help or a
+# typo) before that import. These load them on first use.
+def _kt():
+    import keras_tuner
+    return keras_tuner
+
+
+def _registry():
+    from pipeline.models import registry
+    return registry
+
+
+def _optimizers():
+    from pipeline.training import optimizers
+    return optimizers
+
+
+def _schedules():
+    from pipeline.training import schedules
+    return schedules
 
 CIFAR_FAMILY = "cifar_resnet"
 
@@ -76,7 +98,38 @@ HYPERPARAMETERS = _specs(
                        low=0, high=5, applies_to="finetune"),
     HyperparameterSpec(name="backbone_lr_multiplier", kind="float", help="fine-tuning: backbone learning-rate "
                        "multiplier", low=0.01, high=1.0, log=True, applies_to="finetune"),
+    # issue 16: layer-wise learning-rate decay and stochastic depth
+    HyperparameterSpec(name="layer_decay", kind="float", help="layer-wise learning-rate decay", low=0.5,
+                       high=1.0, applies_to="stages"),
+    HyperparameterSpec(name="drop_path", kind="float", help="stochastic depth (last block's drop rate)",
+                       low=0.0, high=0.3, applies_to="drop_path"),
+    # issue 16: augmentation policies and batch mixing (pipeline.data.policies, pipeline.data.mixing)
+    HyperparameterSpec(name="randaugment_ops", kind="int", help="RandAugment operations per image", low=1,
+                       high=3, applies_to="randaugment"),
+    HyperparameterSpec(name="randaugment_magnitude", kind="float", help="RandAugment magnitude (0-10)", low=5.0,
+                       high=10.0, applies_to="randaugment"),
+    HyperparameterSpec(name="random_erasing", kind="float", help="random erasing probability", low=0.0, high=0.5),
+    HyperparameterSpec(name="color_jitter", kind="float", help="colour jitter strength", low=0.0, high=0.4),
+    HyperparameterSpec(name="cutmix_alpha", kind="float", help="CutMix alpha", low=0.0, high=1.0),
+    HyperparameterSpec(name="mix_switch_prob", kind="float", help="per-batch CutMix (vs MixUp) probability",
+                       low=0.0, high=1.0),
+    HyperparameterSpec(name="mix_off_epoch", kind="int", help="no mixing from this epoch (0 = never off)",
+                       low=0, high=5),
+    # issue 16: training-loop recipes (pipeline.training.ema, pipeline.training.loop); a base of 0 stays off
+    HyperparameterSpec(name="ema_decay", kind="float", help="weight EMA decay (a flag value of 0 stays the "
+                       "default: off)", low=0.99, high=0.9999, log=True),
+    HyperparameterSpec(name="clip_norm", kind="float", help="gradient clipping global norm (a flag value of 0 "
+                       "stays the default: off)", low=0.1, high=10.0, log=True),
+    HyperparameterSpec(name="accumulation_steps", kind="choice", help="micro-batches per optimizer step "
+                       "(must divide the trial's batch size)", values=(1, 2, 4)),
 )
+# Searched only when --tune names them, so the default search (all that apply) stays as it was.
+OPT_IN = ("layer_decay", "drop_path")
+OPT_IN += ("randaugment_ops", "randaugment_magnitude", "random_erasing", "color_jitter", "cutmix_alpha",
+           "mix_switch_prob", "mix_off_epoch")  # issue 16: augmentation policies and mixing
+OPT_IN += ("ema_decay", "clip_norm", "accumulation_steps")  # issue 16: training-loop recipes
+# Of those, the ones that are DataConfig fields (the rest are TrainConfig's).
+DATA_HYPERPARAMETERS = ("randaugment_ops", "randaugment_magnitude", "random_erasing", "color_jitter")
 
 # Hyperparameters that are pipeline.finetune flags (cli.define_finetune_flags), not pipeline.train ones.
 FINETUNE_FLAGS = ("freeze_epochs", "backbone_lr_multiplier")
@@ -89,7 +142,7 @@ class Param(Domain):
     name: str
     default: Any
 
-    def declare(self, hp: kt.HyperParameters):
+    def declare(self, hp: "kt.HyperParameters"):
         """Register on `hp` and return the trial's value (the default outside a trial)."""
         if self.kind == "choice":
             return hp.Choice(self.name, list(self.values), default=self.default)
@@ -122,13 +175,13 @@ class SearchSpace:
     def names(self) -> list[str]:
         return [p.name for p in self.params]
 
-    def declare(self, hp: kt.HyperParameters) -> dict:
+    def declare(self, hp: "kt.HyperParameters") -> dict:
         """Declare every hyperparameter on `hp`; returns name -> value."""
         return {p.name: p.declare(hp) for p in self.params}
 
-    def hyperparameters(self) -> kt.HyperParameters:
+    def hyperparameters(self) -> "kt.HyperParameters":
         """The whole space as keras-tuner HyperParameters (for an oracle; values at their defaults)."""
-        hp = kt.HyperParameters()
+        hp = _kt().HyperParameters()
         self.declare(hp)
         return hp
 
@@ -152,33 +205,44 @@ class SearchSpace:
 def _cifar_twins(model_name: str) -> Optional[dict]:
     """depth -> registered CIFAR ResNet with the same `residual` as `model_name`, or None if it is none."""
     try:
-        spec = registry.get_spec(model_name)
+        spec = _registry().get_spec(model_name)
     except ValueError:
         return None
     if spec.family != CIFAR_FAMILY or spec.depth is None:
         return None
-    return {s.depth: s.name for s in registry.list_specs(CIFAR_FAMILY)
+    return {s.depth: s.name for s in _registry().list_specs(CIFAR_FAMILY)
             if s.residual == spec.residual and s.depth is not None}
 
 
 def _builder_default(model_name: str, option: str):
-    spec = registry.get_spec(model_name)
+    spec = _registry().get_spec(model_name)
     param = inspect.signature(spec.builder).parameters.get(option)
     if param is None or param.default is inspect.Parameter.empty:
         return None
     return param.default
 
 
+def _policy_of(augment_name: str) -> Optional[str]:
+    from pipeline.data.augment import AUGMENT_PARTS  # imports TensorFlow: only when a search is built
+    return AUGMENT_PARTS.get(augment_name, (None, None))[1]
+
+
 def _applicable(spec: HyperparameterSpec, base: cfg.RunConfig) -> Optional[str]:
     """None if `spec` can be searched for `base`, else why not (one sentence)."""
     model = base.model.name
     if spec.applies_to == CIFAR_FAMILY and _cifar_twins(model) is None:
-        names = registry.list_models(CIFAR_FAMILY)
+        names = _registry().list_models(CIFAR_FAMILY)
         return (f"depth applies to the CIFAR ResNets ({', '.join(names)}), not --model={model}.")
-    if spec.applies_to == "width" and "width_multiplier" not in registry.get_spec(model).options():
+    if spec.applies_to == "width" and "width_multiplier" not in _registry().get_spec(model).options():
         return f"--model={model} takes no width_multiplier."
+    if spec.applies_to == "randaugment" and _policy_of(base.data.augment) != "randaugment":
+        return f"{spec.name} applies to --augment=randaugment or <crop>+randaugment, not {base.data.augment}."
+    if spec.applies_to == "stages" and not _registry().get_spec(model).stages:
+        return f"--model={model} declares no stages for layer-wise decay."
+    if spec.applies_to == "drop_path" and "drop_path" not in _registry().get_spec(model).options():
+        return f"--model={model} has no stochastic depth (drop_path)."
     if spec.applies_to == "finetune":
-        pretrained = registry.get_spec(model).pretrained or base.model.weights or base.model.init_from
+        pretrained = _registry().get_spec(model).pretrained or base.model.weights or base.model.init_from
         if not pretrained:
             return (f"{spec.name} applies to fine-tuning (a pretrained --model, --weights or --init_from), "
                     f"not to --model={model} from scratch.")
@@ -195,10 +259,14 @@ def base_value(name: str, base: cfg.RunConfig):
     if name == "batch_size":
         return base.data.batch_size
     if name == "depth":
-        return registry.get_spec(base.model.name).depth
+        return _registry().get_spec(base.model.name).depth
     if name == "width_multiplier":
         value = base.model.width_multiplier
         return float(value if value is not None else _builder_default(base.model.name, "width_multiplier"))
+    if name == "drop_path":
+        return float(base.model.drop_path or 0.0)
+    if name in DATA_HYPERPARAMETERS:
+        return getattr(base.data, name)
     return getattr(t, name)
 
 
@@ -221,12 +289,12 @@ def _choice_values(spec: HyperparameterSpec, raw: Sequence, base: cfg.RunConfig,
         raise ValueError(f"--{flag} needs at least one value.")
     if spec.name == "optimizer":
         values = tuple(str(r).strip() for r in raw)
-        known = sorted(optimizers.OPTIMIZERS)
+        known = sorted(_optimizers().OPTIMIZERS)
     elif spec.name == "schedule":
         values = tuple(str(r).strip() for r in raw)
-        known = list(schedules.SCHEDULES)
+        known = list(_schedules().SCHEDULES)
     else:
-        integer = spec.name in ("batch_size", "depth")
+        integer = spec.name in ("batch_size", "depth", "accumulation_steps")
         values = tuple(_parse_number(r, integer, flag) for r in raw)
         known = None
     if known is not None:
@@ -264,7 +332,7 @@ def _searched_names(base: cfg.RunConfig, tune: Optional[Sequence[str]], ranges: 
     """The names `--tune` asks for (all that apply to `base` when None), checked with the range flags."""
     valid = ", ".join(HYPERPARAMETERS)
     if tune is None:
-        names = [n for n, s in HYPERPARAMETERS.items() if _applicable(s, base) is None]
+        names = [n for n, s in HYPERPARAMETERS.items() if n not in OPT_IN and _applicable(s, base) is None]
     else:
         names = [str(n).strip() for n in tune if str(n).strip()]
         if not names:
@@ -329,7 +397,7 @@ def make_search_space(base: cfg.RunConfig, *, tune: Optional[Sequence[str]] = No
       tune: names to search (the rest stay at their base values); None searches
         every hyperparameter that applies to `base` (depth only for CIFAR
         ResNets, width_multiplier only for models that take it, freeze_epochs and
-        backbone_lr_multiplier only for fine-tuning).
+        backbone_lr_multiplier only for fine-tuning; `OPT_IN` ones only when named).
       ranges: name -> (lo, hi) numbers or strings for float/int hyperparameters.
       choices: name -> values (or strings) for choice hyperparameters.
 
