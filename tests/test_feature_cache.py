@@ -119,3 +119,16 @@ def test_the_cache_switches_itself_off_when_batches_are_not_functions_of_images(
     assert got == expect_views
     assert (reason in note) if reason else note == ""
     assert feature_cache.plan(d, dataclasses.replace(t, cache_features=False), mixup_alpha=mixup)[0] == 0
+
+
+@pytest.mark.parametrize("data,train,reason", [
+    ({}, {"cutmix_alpha": 1.0}, "CutMix"),
+    ({"random_erasing": 0.25}, {}, "--random_erasing=0.25"),
+    ({"color_jitter": 0.4}, {}, "--color_jitter=0.4"),
+])
+def test_cutmix_erasing_and_jitter_switch_the_cache_off_too(data, train, reason):
+    """Per-batch and per-image randomness beyond the crop: the cached features would be stale views."""
+    d = cfg.DataConfig(augment="none", **data)
+    t = cfg.TrainConfig(freeze_epochs=2, **train)
+    views, note = feature_cache.plan(d, t, mixup_alpha=0.0)
+    assert views == 0 and reason in note

@@ -67,6 +67,17 @@ def summarize(times: Sequence[float], batch_size: int) -> dict:
     }
 
 
+def _input_size(image_size, card_dir: str, name: str, batch_sizes) -> tuple:
+    """(height, width) to time: `image_size`, else the model card's; batch sizes checked too."""
+    if image_size is None:
+        image_size = export.read_model_card(card_dir).get("image_size")
+        if image_size is None:
+            raise ValueError(f"{name} has no model card with image_size; pass image_size.")
+    if not batch_sizes or any(b < 1 for b in batch_sizes):
+        raise ValueError(f"batch sizes must be positive, got {list(batch_sizes)}")
+    return (image_size, image_size) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
+
+
 def measure(export_dir: str, image_size=None, batch_sizes: Sequence[int] = (1, 64),
             iterations: int = DEFAULT_ITERATIONS, *, signature: str = "serving_default",
             warmup: int = 2, max_seconds: Optional[float] = 60.0, seed: int = 0,
@@ -95,13 +106,7 @@ def measure(export_dir: str, image_size=None, batch_sizes: Sequence[int] = (1, 6
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(threads)
     export_dir = export.resolve_export(export_dir)
-    if image_size is None:
-        image_size = export.read_model_card(export_dir).get("image_size")
-        if image_size is None:
-            raise ValueError(f"{export_dir} has no model card with image_size; pass image_size.")
-    size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
-    if not batch_sizes or any(b < 1 for b in batch_sizes):
-        raise ValueError(f"batch sizes must be positive, got {list(batch_sizes)}")
+    size = _input_size(image_size, export_dir, export_dir, batch_sizes)
     loaded = tf.saved_model.load(export_dir)
     if signature not in loaded.signatures:
         raise ValueError(f"{export_dir} has no signature {signature!r}")
@@ -142,13 +147,7 @@ def measure_runtimes(export_path: str, image_size=None, batch_sizes: Sequence[in
         card_dir = paths[0]
     else:
         paths, card_dir = [export_path], os.path.dirname(export_path)
-    if image_size is None:
-        image_size = export.read_model_card(card_dir).get("image_size")
-        if image_size is None:
-            raise ValueError(f"{export_path} has no model card with image_size; pass image_size.")
-    size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
-    if not batch_sizes or any(b < 1 for b in batch_sizes):
-        raise ValueError(f"batch sizes must be positive, got {list(batch_sizes)}")
+    size = _input_size(image_size, card_dir, export_path, batch_sizes)
     results = []
     for path in paths:
         runtime = runtimes.open_runtime(path, threads=threads)

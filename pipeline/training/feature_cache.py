@@ -69,9 +69,15 @@ def plan(data, train, *, mixup_alpha: float, model_config=None) -> tuple[int, st
     if not train.freeze_epochs or not getattr(train, "cache_features", True):
         return 0, ""
     views = int(getattr(train, "feature_views", 0) or 0)
-    if mixup_alpha > 0:
-        return 0, (f"feature cache off: MixUp (alpha {mixup_alpha:g}) mixes pairs of images, so a batch "
-                   "is not a function of cached features.")
+    if mixup_alpha > 0 or train.cutmix_alpha > 0:
+        how = f"MixUp (alpha {mixup_alpha:g})" if mixup_alpha > 0 else f"CutMix (alpha {train.cutmix_alpha:g})"
+        return 0, (f"feature cache off: {how} mixes pairs of images, so a batch is not a function of "
+                   "cached features.")
+    per_image = [f"--{name}={getattr(data, name):g}" for name in ("random_erasing", "color_jitter")
+                 if getattr(data, name) > 0]
+    if per_image and not views:
+        return 0, (f"feature cache off: {' '.join(per_image)} changes every image at random each epoch; "
+                   "use --feature_views=K to precompute K augmented views per image.")
     drop_path = getattr(model_config, "drop_path", 0.0) or 0.0
     if drop_path > 0:
         return 0, (f"feature cache off: --drop_path={drop_path:g} drops residual branches at random in "

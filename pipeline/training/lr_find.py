@@ -59,17 +59,18 @@ def valley_index(smoothed: np.ndarray) -> int:
     """
     values = np.asarray(smoothed, dtype=np.float64)
     n = len(values)
-    length, before = np.ones(n, dtype=np.int64), np.full(n, -1)
+    length = np.ones(n, dtype=np.int64)
     for i in range(1, n):  # O(n^2) over ~100 steps
         lower = np.nonzero(values[:i] > values[i])[0]
         if len(lower):
-            j = lower[np.argmax(length[lower])]
-            length[i], before[i] = length[j] + 1, j
+            length[i] = length[lower].max() + 1
+    # fastai's rule exactly: the valley spans the subsequence's length back from its end (a
+    # subsequence that skips the noisy flat start does not stretch the valley into it), and the
+    # suggestion is half way along it.
     end = int(np.argmax(length))
-    start = end
-    while before[start] >= 0:
-        start = int(before[start])
-    return start + (end - start) // 2
+    start = max(0, end - int(length[end]))
+    sections = (end - start) / 3
+    return min(end, start + int(sections) + int(sections / 2))
 
 
 def steepest_index(rates: np.ndarray, smoothed: np.ndarray) -> int:
@@ -145,7 +146,9 @@ def _model_and_loop(run: cfg.RunConfig, datasets, strategy, policy: str, rates: 
         if policy == "mixed_float16":
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         compile_model(model, optimizer, t)
-    runner = loop_lib.Loop(model, strategy, label_smoothing=t.label_smoothing)
+    # The training recipe's clipping, accumulation and class weights shape the loss curve; an EMA does not.
+    recipes = loop_lib.recipe_options(dataclasses.replace(t, ema_decay=0.0), model, strategy, datasets)
+    runner = loop_lib.Loop(model, strategy, label_smoothing=t.label_smoothing, **recipes)
     runner.set_optimizer(model.optimizer)
     return model, runner
 
