@@ -70,7 +70,7 @@ def fake_second_run(digits_dir, tmp_path, optimizer="adam"):
     lines = [",".join(rundir.METRIC_COLUMNS)]
     for r in rows:
         r = dict(r, val_accuracy=max(0.0, r["val_accuracy"] - 0.05), val_loss=r["val_loss"] * 1.3)
-        lines.append(",".join(str(r[c]) for c in rundir.METRIC_COLUMNS))
+        lines.append(",".join("" if r[c] is None else str(r[c]) for c in rundir.METRIC_COLUMNS))
     (other / "metrics.csv").write_text("\n".join(lines) + "\n")
     return str(other)
 

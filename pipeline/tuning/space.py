@@ -132,7 +132,7 @@ OPT_IN += ("ema_decay", "clip_norm", "accumulation_steps")  # issue 16: training
 DATA_HYPERPARAMETERS = ("randaugment_ops", "randaugment_magnitude", "random_erasing", "color_jitter")
 
 # Hyperparameters that are pipeline.finetune flags (cli.define_finetune_flags), not pipeline.train ones.
-FINETUNE_FLAGS = ("freeze_epochs", "backbone_lr_multiplier")
+FINETUNE_FLAGS = ("freeze_epochs", "backbone_lr_multiplier", "cache_features", "feature_views")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
