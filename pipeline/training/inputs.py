@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from pipeline import config as cfg
 from pipeline.data import mixing
+from pipeline.data.dataset import pass_seed
 from pipeline.training import phases
 
 
@@ -44,6 +45,6 @@ def epoch_data(t: cfg.TrainConfig, runner, datasets, budget: phases.StepBudget):
             return runner.distribute(one_hot(batches, num_classes, seed=t.seed,
                                              first_batch=epoch * budget.steps_per_epoch, **mix))
         return runner.distribute(one_hot(stream.epoch(epoch), num_classes,
-                                         seed=t.seed * 1_000_003 + epoch, **mix))
+                                         seed=pass_seed(t.seed, epoch), **mix))
 
     return data
