@@ -59,7 +59,7 @@ class _LazyEnumParser(flags.ArgumentParser):
 
 
 class _LazyHelpFlag(flags.Flag):
-    """A flag whose help text is computed when --help shows it (see `_lazy_enum`, `define_model_flags`)."""
+    """A flag whose help text is computed when --help shows it (see `lazy_enum`, `define_model_flags`)."""
 
     def __init__(self, parser, name, default, help_fn):
         self._help_fn = help_fn
@@ -74,8 +74,12 @@ class _LazyHelpFlag(flags.Flag):
         pass
 
 
-def _lazy_enum(name, default, load, help_text):
-    """DEFINE_enum over `load()`'s names, without calling `load` at definition time."""
+def lazy_enum(name, default, load, help_text):
+    """DEFINE_enum over `load()`'s names (a registry that imports TensorFlow), loaded only when needed.
+
+    --help and typos stay fast; a bad choice is still refused before any work.
+    Verbs that define their own flags (pipeline.benchmark) use it too.
+    """
     parser = _LazyEnumParser(load)
     flags.DEFINE_flag(_LazyHelpFlag(parser, name, default,
                                     lambda: f"<{'|'.join(parser.enum_values)}>: {help_text}"))
@@ -91,24 +95,7 @@ def _lazy_enum(name, default, load, help_text):
     flags.register_validator(name, check)
 
 
-def lazy_enum(name, default, load, help_text):
-    """An enum flag whose choices come from `load()` (a registry that imports TensorFlow) when needed.
-
-    For verbs that define their own flags (pipeline.benchmark): --help and
-    typos stay fast, a bad choice is still refused before any work.
-    """
-    _lazy_enum(name, default, load, help_text)
-
-
 def augmentation_names():
-    return _augmentations()
-
-
-def precision_names():
-    return _precisions()
-
-
-def _augmentations():
     from pipeline.data.augment import AUGMENTATIONS
     return sorted(AUGMENTATIONS)
 
@@ -123,7 +110,7 @@ def _schedules():
     return list(schedules.SCHEDULES)
 
 
-def _precisions():
+def precision_names():
     from pipeline.training import precision
     return list(precision.POLICIES)
 
@@ -145,7 +132,7 @@ def define_data_flags():
     flags.DEFINE_float("test_fraction", 0.1, "Image folders without test/: seeded stratified fraction.")
     flags.DEFINE_integer("image_size", None, "Square model resolution (default: the data's own).")
     flags.DEFINE_integer("resize_size", None, "`bit` augmentation: resize to this, then crop --image_size.")
-    _lazy_enum("augment", "cifar", _augmentations, "Training augmentation: a crop, a policy (after resizing "
+    lazy_enum("augment", "cifar", augmentation_names, "Training augmentation: a crop, a policy (after resizing "
                "only), or <crop>+<policy>: the crop and its flip first, then the policy.")
     run_flags.define_augment_policy_flags()
     flags.DEFINE_integer("batch_size", 128, "Global batch size (split over replicas by tf.distribute).",
@@ -183,25 +170,25 @@ def define_train_flags(**defaults):
          "lr_boundaries": [], **defaults}
     flags.DEFINE_integer("epochs", d["epochs"], "Epochs to train (ignored when a step budget is set).",
                          lower_bound=1)
-    _lazy_enum("optimizer", d["optimizer"], _optimizers, "Optimizer.")
+    lazy_enum("optimizer", d["optimizer"], _optimizers, "Optimizer.")
     flags.DEFINE_float("learning_rate", d["learning_rate"], "Peak learning rate (after warm-up).")
     flags.DEFINE_float("momentum", 0.9, "Momentum for sgd and rmsprop.")
     flags.DEFINE_bool("nesterov", False, "Nesterov momentum for sgd.")
     flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay (0 = none).")
-    _lazy_enum("schedule", d["schedule"], _schedules, "Learning-rate schedule.")
+    lazy_enum("schedule", d["schedule"], _schedules, "Learning-rate schedule.")
     flags.DEFINE_list("lr_boundaries", d["lr_boundaries"], "`step` schedule: epochs where lr *= --lr_decay.")
     flags.DEFINE_float("lr_decay", 0.1, "`step`: factor at each boundary; `exponential`: factor per epoch.")
     flags.DEFINE_float("warmup_epochs", 0.0, "Linear warm-up length in epochs (fractions allowed).")
     flags.DEFINE_integer("switch_optimizer_epoch", 0, "Switch to --second_optimizer after this many epochs.")
-    _lazy_enum("second_optimizer", None, _optimizers, "Optimizer after the switch.")
+    lazy_enum("second_optimizer", None, _optimizers, "Optimizer after the switch.")
     flags.DEFINE_float("second_learning_rate", None, "Learning rate after the switch (default: --learning_rate).")
     flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing of the cross-entropy.")
     flags.DEFINE_float("mixup_alpha", 0.0, "MixUp alpha (0 = off).")
     run_flags.define_mixing_flags()
-    _lazy_enum("precision", "auto", _precisions,
+    lazy_enum("precision", "auto", precision_names,
                "auto: mixed_float16 on GPUs >= 7.0, mixed_bfloat16 on CPUs with AVX512-BF16/AMX, "
                "else float32.")
-    _lazy_enum("strategy", "auto", _strategies,
+    lazy_enum("strategy", "auto", _strategies,
                "tf.distribute strategy. auto: tpu when --tpu is set, else multi_worker when "
                "TF_CONFIG names more than one chief/worker task, else mirrored over several "
                "GPUs, else default (one device). --batch_size stays the global batch.")

@@ -33,7 +33,8 @@ def run(argv):
     from pipeline.training import budget, finetuning
 
     run_config = finetuning.finetune_run(run_config)
-    run_config = budget.fit_to_budget(run_config)  # --time_budget: choose --image_size/--total_steps
+    # --time_budget: choose --image_size/--total_steps (and a smaller batch when --batch_size was not given)
+    run_config = budget.fit_to_budget(run_config, keep_batch=FLAGS["batch_size"].present)
     return cli.after_training(FLAGS, training.train(run_config))
 
 

@@ -18,7 +18,8 @@ def run(argv):
     from pipeline import training  # imports TensorFlow
     from pipeline.training import budget
 
-    run_config = budget.fit_to_budget(run_config)  # --time_budget: the steps (and size) that fit
+    # --time_budget: the steps (and size; a smaller batch when --batch_size was not given) that fit
+    run_config = budget.fit_to_budget(run_config, keep_batch=FLAGS["batch_size"].present)
     result = training.train(run_config)
     return cli.after_training(FLAGS, result)
 

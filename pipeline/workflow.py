@@ -11,6 +11,12 @@ from __future__ import annotations
 from typing import Optional
 
 
+def _export(model_dir: str, export_dir: str, name: Optional[str]) -> None:
+    """Export a run's best checkpoint as the next SavedModel version and print where it went."""
+    from pipeline.serving import export as export_lib
+    print(f"export: {export_lib.export_run(model_dir, export_root=export_dir, name=name)}", flush=True)
+
+
 def after_training(result, *, export: bool = True, export_dir: str = "saved_models",
                    export_name: Optional[str] = None, report: bool = True):
     """Export the run's best checkpoint, then write its report; returns `result`.
@@ -21,9 +27,7 @@ def after_training(result, *, export: bool = True, export_dir: str = "saved_mode
     if not getattr(result, "is_chief", True):
         return result
     if export:
-        from pipeline.serving import export as export_lib
-        path = export_lib.export_run(result.model_dir, export_root=export_dir, name=export_name)
-        print(f"export: {path}", flush=True)
+        _export(result.model_dir, export_dir, export_name)
     if report:
         from pipeline import reporting
         _, html = reporting.write_run_report(result.model_dir, export_roots=[export_dir])
@@ -38,9 +42,7 @@ def after_search(result, tune_dir: str, *, verb: str, export_best: bool = False,
     if result.best is not None:
         print(f"train the best model: python -m pipeline.{verb} --flagfile={result.best_cfg}", flush=True)
         if export_best:
-            from pipeline.serving import export as export_lib
-            path = export_lib.export_run(result.best.run_dir, export_root=export_dir, name=export_name)
-            print(f"export: {path}", flush=True)
+            _export(result.best.run_dir, export_dir, export_name)
     if report and result.rows:
         from pipeline import reporting
         _, html = reporting.write_comparison_report([tune_dir])

@@ -9,6 +9,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 
 import keras
 import numpy as np
@@ -58,7 +59,11 @@ def test_cached_head_update_equals_the_uncached_one(tmp_path, folder, capsys):
         assert ("feature cache:" in printed) == cache, printed
         results[cache] = (model.get_layer("logits").get_weights(), _metrics(run))
         with open(os.path.join(run.model_dir, "summary.json")) as f:
-            assert json.load(f)["peak_rss_mb"] > 100  # the run's peak resident memory is recorded
+            summary = json.load(f)
+        assert summary["peak_rss_mb"] > 100  # the run's peak resident memory is recorded
+        if cache:  # the training time includes the pass that computed the features
+            took = float(re.search(r"feature cache: .* in ([0-9.]+) s", printed).group(1))
+            assert summary["time"]["training_seconds"] >= took
     (w_cached, m_cached), (w_plain, m_plain) = results[True], results[False]
     assert np.abs(w_cached[0]).max() > 0  # the zero-initialized head learned
     for a, b in zip(w_cached, w_plain):
@@ -101,8 +106,14 @@ def test_changed_backbone_invalidates_the_stored_cache(tmp_path, folder, monkeyp
     assert computed  # recomputed, not read from the stale cache
     new_values = np.stack([f for f, _ in changed.train_views[0].as_numpy_iterator()])
     assert np.abs(new_values - values).max() > 1e-3
-    fresh = real(feature_cache.feature_extractor(model), strategy, feature_cache.view_batches(datasets.stream, 0))
+    extractor = feature_cache.feature_extractor(model)
+    fresh = real(feature_cache.feature_step(extractor, strategy), strategy,
+                 feature_cache.view_batches(datasets.stream, 0), 8)
     np.testing.assert_allclose(new_values, fresh[0], atol=1e-6)
+    # batches padded to one shape (21 images in batches of 8: 8, 8, 5+3) give the unpadded features
+    direct = [extractor(x, training=False).numpy() for x, _ in feature_cache.view_batches(datasets.stream, 0)]
+    assert [len(d) for d in direct] == [8, 8, 5]
+    np.testing.assert_allclose(fresh[0], np.concatenate(direct), atol=1e-4)  # eager vs graph kernels: ~4e-5
 
 
 @pytest.mark.parametrize("augment,mixup,views,expect_views,reason", [

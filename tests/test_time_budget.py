@@ -5,9 +5,11 @@ CPU for BiT-M-R50x1 (about 13.6 s per step of 64 images at 128 px); the
 end-to-end run uses a small CIFAR ResNet with a tiny budget on the same path
 (`pipeline.finetune` -> `budget.fit_to_budget` -> the trainer's RunClock).
 """
+import csv
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -96,7 +98,7 @@ def test_fit_to_budget_writes_explicit_flags_from_the_probe(tmp_path):
 
     def probe(run, datasets, resolution):
         probed.append(resolution)
-        return BIT_TABLE[resolution], 1.0
+        return BIT_TABLE[resolution], 1.0, 0.5
     clock = time.time()
     lines = []
     chosen = budget.fit_to_budget(run, probe=probe, now=lambda: clock, out=lines.append, started=clock)
@@ -109,6 +111,48 @@ def test_fit_to_budget_writes_explicit_flags_from_the_probe(tmp_path):
     # the explicit flags repeat it: no second probe, nothing changed
     again = budget.fit_to_budget(chosen, probe=None, now=lambda: clock, started=clock)
     assert again == chosen
+
+
+def test_a_budget_halves_a_batch_that_was_not_given_only_when_nothing_fits_at_it():
+    assert budget.batch_ladder(64, keep=True) == [64]
+    assert budget.batch_ladder(64, keep=False) == [64, 32, 16, 8, 4, 2]
+    per_image = {r: s / 64 for r, s in BIT_TABLE.items()}  # 0.21 s per image and step at 128 px
+    shape = budget.RunShape(total_steps=4000, steps_per_epoch=45)
+    shapes = {b: shape for b in budget.batch_ladder(64, keep=False)}
+    # 4 minutes: 100 steps of 64 (or 32, 16) images fit at no resolution; 8 images at 128 px do (1.7 s/step)
+    batch, choice = budget.choose_batch(240, per_image, shapes, resolutions=budget.LADDER)
+    assert (batch, choice.resolution) == (8, 128)
+    assert choice.total_steps == 135 and choice.estimate_seconds <= 240  # 3 whole epochs of 45 steps
+    # a larger budget keeps the batch: the batch is the last resort, after the resolution
+    batch, choice = budget.choose_batch(3 * 3600, per_image, shapes, resolutions=budget.LADDER)
+    assert batch == 64 and choice.resolution == 224
+    with pytest.raises(budget.BudgetTooSmall, match="nothing fits"):
+        budget.choose_batch(240, per_image, {64: shape}, resolutions=budget.LADDER)
+
+
+def test_fit_to_budget_probes_a_small_batch_and_writes_the_batch_it_chose(tmp_path):
+    folder = make_image_folder(tmp_path / "photos", per_class=6, size=100)
+    run = cfg.RunConfig(
+        model_dir=str(tmp_path / "run"),
+        data=cfg.DataConfig(dataset=f"folder:{folder}", augment="bit", batch_size=64, resolution_rule="hyperrule"),
+        model=cfg.ModelConfig("resnet20"),
+        train=cfg.TrainConfig(schedule="hyperrule", time_budget=240),
+        flags_text="--dataset=x\n--time_budget=4m\n")
+    probed = []
+
+    def probe(run, datasets, resolution):
+        probed.append((run.data.batch_size, resolution))
+        return BIT_TABLE[resolution] * run.data.batch_size / 64, 1.0, 0.5
+    clock = time.time()
+    lines = []
+    chosen = budget.fit_to_budget(run, keep_batch=False, probe=probe, now=lambda: clock, out=lines.append,
+                                  started=clock)
+    assert probed[0] == (budget.PROBE_BATCH, 128)  # not 64 images a step: that probe alone could eat the budget
+    assert chosen.data.batch_size < 64 and chosen.train.total_steps >= 100
+    assert f"--batch_size={chosen.data.batch_size}\n" in chosen.flags_text
+    assert f"--batch_size={chosen.data.batch_size} (batch 64 did not allow" in lines[0]
+    with pytest.raises(budget.BudgetTooSmall):  # a given --batch_size is kept
+        budget.fit_to_budget(run, keep_batch=True, probe=probe, now=lambda: clock, out=lines.append, started=clock)
 
 
 _REPEAT = """
@@ -147,6 +191,25 @@ def test_a_budgeted_finetune_finishes_in_its_budget_and_its_flagfile_repeats_it(
                             timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     assert repeat.returncode == 0, repeat.stderr[-3000:]
     assert json.loads(repeat.stdout.strip().splitlines()[-1]) == {"image_size": 16, "total_steps": steps}
+
+
+def test_a_budgeted_search_stops_starting_trials_and_says_how_many_it_ran(tmp_path):
+    seconds, trials = 90, 40  # a trial (1 epoch of 2 steps, its test, its files) takes 10-30 s: far fewer fit
+    tune_dir = tmp_path / "search"
+    start = time.time()
+    proc = run_cli("tune", "--dataset=digits", "--model=resnet20", "--width_multiplier=0.25", "--batch_size=32",
+                   "--augment=none", "--image_size=16", "--epochs=1", "--steps_per_epoch=2",
+                   "--max_epochs_per_trial=1", "--notensorboard", "--verbose=2", "--tuner=random",
+                   "--tune=learning_rate",  # the model stays the small one (depth and width are not searched)
+                   f"--max_trials={trials}", f"--time_budget={seconds}s", f"--tune_dir={tune_dir}")
+    took = time.time() - start
+    ran = int(re.search(rf"time budget: ran (\d+) of --max_trials={trials} trials", proc.stdout).group(1))
+    assert 1 <= ran < trials
+    assert "less than the last trial's" in proc.stdout and "no more trials" in proc.stdout
+    # the trial running at the deadline stops after its step; then its test, the results, the comparison report
+    assert took <= seconds + 45, f"{took:.0f} s for a {seconds} s budget"
+    with open(tune_dir / "trials.csv") as f:
+        assert len(list(csv.DictReader(f))) == ran  # every trial it started finished and is in the table
 
 
 def test_a_bad_time_budget_is_one_line_before_tensorflow():

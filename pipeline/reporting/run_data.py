@@ -72,9 +72,10 @@ def detect_verb(flags_text: Optional[str], config: dict) -> str:
 
 def _best(metrics: list, state: dict, summary: dict) -> tuple:
     """(best epoch, its value, the metric that chose it): the run's own record, else metrics.csv."""
-    monitor = "val_accuracy" if any(r.get("val_accuracy") is not None for r in metrics) else "accuracy"
+    monitor = state.get("best_metric") or summary.get("best_metric") or (
+        "val_accuracy" if any(r.get("val_accuracy") is not None for r in metrics) else "accuracy")
     epoch = state.get("best_epoch") or summary.get("best_epoch")
-    value = state.get("best_value", summary.get("best_val_accuracy"))
+    value = state.get("best_value", summary.get("best_value", summary.get("best_val_accuracy")))
     if epoch is None:
         best = rundir.best_row(metrics, monitor)
         if best is not None:

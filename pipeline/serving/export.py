@@ -63,8 +63,8 @@ OUTPUTS = ("probabilities", "class_ids", "class_names")
 LABELS_FILE = "labels.txt"
 MODEL_CARD_FILE = "model_card.json"
 # The run's summary.json entries an export's model card repeats under "metrics".
-RUN_METRICS = ("status", "epochs_done", "best_epoch", "best_val_accuracy", "test_loss",
-               "test_accuracy", "precision", "parameters")
+RUN_METRICS = ("status", "epochs_done", "best_epoch", "best_metric", "best_value", "best_val_accuracy",
+               "test_loss", "test_accuracy", "precision", "parameters")
 
 # Leading bytes of the formats tf.io.decode_image reads.
 MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")

@@ -37,6 +37,10 @@ PROBE_STEPS = 2                      # timed steps of the probe (after one that 
 CHEAP_PROBE = 0.15                   # a second probe may use this share of what is left
 SLOW_TRACE = 20.0                    # seconds: a probe whose trace took longer times one step only
 STARTUP_MARGIN = 1.2                 # the run's own start-up vs the probe's build + trace + data loading
+BATCH_FLOOR = 2                      # the smallest batch a budget falls back to (when --batch_size was not given)
+PROBE_BATCH = 8                      # images per probe step when the batch may shrink (scaled linearly by batch)
+STEP_MARGIN = 1.25                   # real steps vs the probe's synthetic ones (input pipeline, callbacks on the
+                                     # same cores): BiT-R50x1 128 px batch 8, 0.98 s probed, 1.2-1.3 s trained
 
 class BudgetTooSmall(ValueError):
     """Nothing fits in the time budget (one line with the smallest estimate)."""
@@ -176,6 +180,39 @@ def choose(available: float, table: Mapping[int, float], shape: RunShape, *, res
         "give a larger budget or a smaller --batch_size or model.")
 
 
+def batch_ladder(batch: int, *, keep: bool) -> list[int]:
+    """The batches a budget may use, largest first: the run's, then halved down to `BATCH_FLOOR` (unless `keep`)."""
+    ladder = [batch]
+    while not keep and ladder[-1] // 2 >= BATCH_FLOOR:
+        ladder.append(ladder[-1] // 2)
+    return ladder
+
+
+def choose_batch(available: float, per_image: Mapping[int, float], shapes: Mapping[int, RunShape], *,
+                 resolutions: Sequence[int], min_steps: int = MIN_STEPS, fixed_steps: Optional[int] = None,
+                 epoch_overhead: float = 0.0) -> tuple[int, Choice]:
+    """The largest batch of `shapes` at which `choose` finds a run, and that run.
+
+    A smaller batch is a last resort: it keeps the fine-tuning's `min_steps`
+    optimizer steps (BiT's GroupNorm does not depend on the batch; a BatchNorm
+    model's statistics get noisier). Step time is taken as proportional to the
+    batch (`per_image`: seconds per image and step by resolution), which
+    overestimates small batches slightly on a CPU: conservative.
+
+    Raises:
+      BudgetTooSmall: nothing fits even at the smallest batch (its message).
+    """
+    error = None
+    for batch in sorted(shapes, reverse=True):
+        table = {r: per_image[r] * batch for r in resolutions}
+        try:
+            return batch, choose(available, table, shapes[batch], resolutions=resolutions, min_steps=min_steps,
+                                 fixed_steps=fixed_steps, epoch_overhead=epoch_overhead)
+        except BudgetTooSmall as e:
+            error = e
+    raise error
+
+
 # -------------------------------------------------------------------- the step budget
 
 
@@ -196,14 +233,19 @@ def step_budget(t: cfg.TrainConfig, *, num_train: int, batch_size: int, drop_rem
 
 
 def probe_step_seconds(run: cfg.RunConfig, datasets, resolution: int, *, steps: int = PROBE_STEPS
-                       ) -> tuple[float, float]:
-    """(seconds per training step, seconds to build and trace) of the run's model at `resolution`.
+                       ) -> tuple[float, float, float]:
+    """(seconds per training step, seconds to build and trace, seconds to save a checkpoint) at `resolution`.
 
     The model is built without its pretrained weights (the cost is the same)
     and trained through the run's own loop (`loop.Loop`) on a synthetic batch
-    of the run's batch size, so the data pipeline is not in the time: the run's
-    clock (`eta.RunClock`) measures the real steps and stops at the deadline.
+    of the run's batch size, so the data pipeline is not in the time
+    (`STEP_MARGIN` stands for it; the run's clock, `eta.RunClock`, measures the
+    real steps and stops at the deadline). The save is what every epoch adds
+    (a BiT-R50x1 checkpoint is 95 MB: 1-2 s here).
     """
+    import os
+    import tempfile
+
     import keras
     import tensorflow as tf
 
@@ -232,36 +274,46 @@ def probe_step_seconds(run: cfg.RunConfig, datasets, resolution: int, *, steps: 
     timed = time.time()
     runner.train_epoch(1, data, callbacks=callbacks, steps_per_epoch=steps, repeat=True)
     seconds = (time.time() - timed) / steps
+    with tempfile.TemporaryDirectory() as tmp:
+        saving = time.time()
+        model.save(os.path.join(tmp, "probe.keras"))
+        save_seconds = time.time() - saving
     del model, runner
     keras.backend.clear_session()
-    return seconds, setup
+    return seconds, setup, save_seconds
 
 
-def _shape(run: cfg.RunConfig, datasets) -> tuple[RunShape, Optional[int]]:
-    """The run at its own length (HyperRule, --total_steps or --epochs), and the steps it pins."""
-    t, batch = run.train, run.data.batch_size
-    budget = step_budget(t, num_train=datasets.num_train, batch_size=batch, drop_remainder=run.data.drop_remainder)
+def _shape(run: cfg.RunConfig, datasets, batch: int) -> RunShape:
+    """The run at its own length at `batch` (HyperRule, --total_steps or --epochs)."""
+    budget = step_budget(run.train, num_train=datasets.num_train, batch_size=batch, drop_remainder=run.data.drop_remainder)
     total = budget.hyperrule.total_steps if budget.hyperrule else budget.epochs * budget.steps_per_epoch
-    shape = RunShape(total, budget.steps_per_epoch,
-                     math.ceil(datasets.num_val / batch) if datasets.val is not None else 0,
-                     math.ceil(datasets.num_test / batch) if datasets.test is not None else 0,
-                     datasets.image_size)
-    return shape, (t.total_steps or None)
+    return RunShape(total, budget.steps_per_epoch,
+                    math.ceil(datasets.num_val / batch) if datasets.val is not None else 0,
+                    math.ceil(datasets.num_test / batch) if datasets.test is not None else 0,
+                    datasets.image_size)
+
+
+def _at_batch(run: cfg.RunConfig, batch: int) -> cfg.RunConfig:
+    return dataclasses.replace(run, data=dataclasses.replace(run.data, batch_size=batch))
 
 
 def _say(line: str) -> None:
     print(line, flush=True)
 
 
-def fit_to_budget(run: cfg.RunConfig, *, probe: Callable = probe_step_seconds,
+def fit_to_budget(run: cfg.RunConfig, *, keep_batch: bool = True, probe: Callable = probe_step_seconds,
                   now: Callable[[], float] = time.time, out: Callable[[str], None] = _say,
                   started: Optional[float] = None) -> cfg.RunConfig:
-    """`run` with the `--image_size` / `--total_steps` its `time_budget` allows (unchanged without one).
+    """`run` with the `--image_size` / `--total_steps` (and batch) its `time_budget` allows (unchanged without one).
 
     Given flags are kept: `--image_size` pins the resolution, `--total_steps`
     the steps; with both, or on `--resume` (flags.cfg holds the choice), there
-    is nothing to probe. The choice goes into the config, flags.cfg (explicit
-    flags) and `train.time_budget_plan` (the report's explanation).
+    is nothing to probe. Unless `keep_batch` (the verbs pass whether
+    `--batch_size` was given), a budget in which nothing fits at the run's
+    batch halves the batch (`choose_batch`); the probe then times
+    `PROBE_BATCH` images per step so that it stays cheap. The choice goes into
+    the config, flags.cfg (explicit flags) and `train.time_budget_plan` (the
+    report's explanation).
 
     `probe`, `now`, `out` and `started` (default: the process start) are for tests.
 
@@ -275,46 +327,57 @@ def fit_to_budget(run: cfg.RunConfig, *, probe: Callable = probe_step_seconds,
     started = process_start_time() if started is None else started
     loading = now()
     datasets = data.load_dataset(run.data)
-    shape, fixed = _shape(run, datasets)
+    batches = batch_ladder(run.data.batch_size, keep=keep_batch)
+    shapes = {b: _shape(run, datasets, b) for b in batches}
+    fixed = t.total_steps or None
     if run.data.image_size or run.data.resolution_rule != "hyperrule":
         resolutions, ceiling = [datasets.image_size], "the data's"
     else:
         resolutions, ceiling = candidates(datasets.image_size), f"the HyperRule's {datasets.image_size}"
-    measured, setups = {}, {}
-    first = min(resolutions)
+    measured, setups, saves = {}, {}, {}  # (batch, resolution) -> s per step, s to build and trace, s to save
+    first = (batches[0] if keep_batch else min(batches[0], PROBE_BATCH), min(resolutions))
     loaded = now() - loading
-    measured[first], setups[first] = probe(run, datasets, first)
+    measured[first], setups[first], saves[first] = probe(_at_batch(run, first[0]), datasets, first[1])
     startup = STARTUP_MARGIN * (loaded + setups[first])  # the run loads, builds and traces again
 
     def left():
         return t.time_budget - (now() - started) - startup
 
-    choice = choose(left(), fill_table(measured, resolutions), shape, resolutions=resolutions, fixed_steps=fixed)
-    if choice.resolution not in measured:
+    def pick():
+        per_image = fill_table({r: STEP_MARGIN * s / b for (b, r), s in measured.items()}, resolutions)
+        return choose_batch(left(), per_image, shapes, resolutions=resolutions, fixed_steps=fixed,
+                            epoch_overhead=max(saves.values()))  # each epoch writes a checkpoint
+
+    batch, choice = pick()
+    if (batch, choice.resolution) not in measured:
         guess = setups[first] + PROBE_STEPS * choice.step_seconds
         if guess < CHEAP_PROBE * left():
-            measured[choice.resolution], setups[choice.resolution] = probe(run, datasets, choice.resolution)
-            choice = choose(left(), fill_table(measured, resolutions), shape, resolutions=resolutions,
-                            fixed_steps=fixed)
-    plan = _plan_text(t.time_budget, choice, measured, shape, ceiling, run.data.batch_size)
+            key = (batch, choice.resolution)
+            measured[key], setups[key], saves[key] = probe(_at_batch(run, batch), datasets, choice.resolution)
+            batch, choice = pick()
+    plan = _plan_text(t.time_budget, choice, measured, shapes[batch], ceiling, batch, run.data.batch_size,
+                      max(saves.values()))
     out(plan)
-    return _with_choice(run, choice, plan, hyperrule_crop=datasets.image_size)
+    return _with_choice(run, choice, plan, batch=batch, hyperrule_crop=datasets.image_size)
 
 
-def _plan_text(budget: float, c: Choice, measured: Mapping[int, float], shape: RunShape, ceiling: str,
-               batch: int) -> str:
-    probes = ", ".join(f"{s:.3g} s/step at {r} px" for r, s in sorted(measured.items()))
-    scaled = "" if c.resolution in measured else " (scaled by pixel count)"
+def _plan_text(budget: float, c: Choice, measured: Mapping[tuple, float], shape: RunShape, ceiling: str,
+               batch: int, asked_batch: int, save_seconds: float) -> str:
+    probes = ", ".join(f"{s:.3g} s/step at {r} px, batch {b}" for (b, r), s in sorted(measured.items()))
+    scaled = "" if (batch, c.resolution) in measured else " (scaled by pixel count and batch)"
     epoch = f", --steps_per_epoch={c.steps_per_epoch}" if c.steps_per_epoch else ""
-    return (f"time budget {format_duration(budget)}: measured {probes} (batch {batch}); chose "
+    smaller = (f" and --batch_size={batch} (batch {asked_batch} did not allow {MIN_STEPS} steps at any "
+               "resolution; --batch_size keeps yours)" if batch != asked_batch else "")
+    return (f"time budget {format_duration(budget)}: measured {probes}; chose "
             f"--image_size={c.resolution} (the largest of {'/'.join(map(str, LADDER))} not above {ceiling} "
-            f"that allows {MIN_STEPS} steps) and --total_steps={c.total_steps}{epoch} (of the run's "
-            f"{shape.total_steps}): {c.step_seconds:.3g} s/step{scaled}, estimated "
+            f"that allows {MIN_STEPS} steps){smaller} and --total_steps={c.total_steps}{epoch} (of the run's "
+            f"{shape.total_steps}): {c.step_seconds:.3g} s/step{scaled} (the probe's x{STEP_MARGIN:g}: the input "
+            f"pipeline shares the cores) and {save_seconds:.2g} s per epoch's checkpoint; estimated "
             f"{format_duration(c.estimate_seconds)} of the {format_duration(c.available_seconds)} left after "
             "start-up and the probe (validation and test included).")
 
 
-def _with_choice(run: cfg.RunConfig, c: Choice, plan: str, *, hyperrule_crop: int) -> cfg.RunConfig:
+def _with_choice(run: cfg.RunConfig, c: Choice, plan: str, *, batch: int, hyperrule_crop: int) -> cfg.RunConfig:
     """The run with the choice as explicit settings, in its config and in the flags that repeat it."""
     from pipeline.tuning.overrides import override_flags_text
     resize = run.data.resize_size
@@ -323,7 +386,9 @@ def _with_choice(run: cfg.RunConfig, c: Choice, plan: str, *, hyperrule_crop: in
     flags = {"image_size": c.resolution, "total_steps": c.total_steps, "resize_size": resize}
     if c.steps_per_epoch:
         flags["steps_per_epoch"] = c.steps_per_epoch
-    data = dataclasses.replace(run.data, image_size=c.resolution, resize_size=resize)
+    if batch != run.data.batch_size:
+        flags["batch_size"] = batch
+    data = dataclasses.replace(run.data, image_size=c.resolution, resize_size=resize, batch_size=batch)
     train = dataclasses.replace(run.train, total_steps=c.total_steps, time_budget_plan=plan,
                                 steps_per_epoch=c.steps_per_epoch or run.train.steps_per_epoch)
     text = override_flags_text(run.flags_text, flags) if run.flags_text else ""

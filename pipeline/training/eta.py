@@ -140,8 +140,14 @@ class RunClock(keras.callbacks.Callback):
 
     # ------------------------------------------------------------------ Keras hooks
 
+    def begin(self) -> None:
+        """Start the training clock (once): the trainer calls it before the first phase compiles, so that
+        what precedes the first step (a feature cache's pass over the data, a resume's restore) counts."""
+        if self._train_begin is None:
+            self._train_begin = self.clock()
+
     def on_train_begin(self, logs=None):
-        self._train_begin = self.clock()
+        self.begin()
 
     def on_epoch_begin(self, epoch, logs=None):
         now = self.clock()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import os
 from typing import Sequence
 
 import keras
@@ -147,9 +146,7 @@ def evaluate_checkpoint(model_dir: str, *, split: str = "test", checkpoint: str 
     for mode in modes:
         tta.view_count(mode)  # an unknown mode is one line, before the data loads
     ds, class_names = _split_dataset(model_dir, split)
-    filename = rundir.checkpoint_file(model_dir, checkpoint)
-    if not os.path.exists(filename):
-        raise rundir.RunDirError(f"{filename} is missing: the run finished no epoch.")
+    filename = rundir.require_checkpoint(model_dir, checkpoint)
     labels, probs, top = predict_split(load_model(filename), ds, modes, top_k=top_k)
     result = summarize(labels, probs[tta_mode], class_names)
     result.update(split=split, checkpoint=checkpoint, tta=tta_mode,

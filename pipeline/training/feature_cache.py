@@ -66,19 +66,19 @@ def plan(data, train, *, mixup_alpha: float, model_config=None) -> tuple[int, st
     A pure rule over the settings, so `--cache_features` is decided (and
     printed) before any feature is computed.
     """
-    if not train.freeze_epochs or not getattr(train, "cache_features", True):
+    if not train.freeze_epochs or not train.cache_features:
         return 0, ""
-    views = int(getattr(train, "feature_views", 0) or 0)
+    views = train.feature_views
     if mixup_alpha > 0 or train.cutmix_alpha > 0:
         how = f"MixUp (alpha {mixup_alpha:g})" if mixup_alpha > 0 else f"CutMix (alpha {train.cutmix_alpha:g})"
         return 0, (f"feature cache off: {how} mixes pairs of images, so a batch is not a function of "
                    "cached features.")
-    per_image = [f"--{name}={getattr(data, name):g}" for name in ("random_erasing", "color_jitter")
-                 if getattr(data, name) > 0]
+    per_image = [f"--{name}={value:g}" for name, value in
+                 (("random_erasing", data.random_erasing), ("color_jitter", data.color_jitter)) if value > 0]
     if per_image and not views:
         return 0, (f"feature cache off: {' '.join(per_image)} changes every image at random each epoch; "
                    "use --feature_views=K to precompute K augmented views per image.")
-    drop_path = getattr(model_config, "drop_path", 0.0) or 0.0
+    drop_path = (model_config.drop_path or 0.0) if model_config is not None else 0.0
     if drop_path > 0:
         return 0, (f"feature cache off: --drop_path={drop_path:g} drops residual branches at random in "
                    "training, also in a frozen backbone.")
@@ -131,22 +131,46 @@ def head_model(model: keras.Model) -> keras.Model:
     return _Head(features, head(features), full_model=model, name="head")
 
 
-def compute_features(extractor: keras.Model, strategy, batches: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
-    """(features float32 [N, D], labels [N]) of batched `(image, label)` under `strategy`, in order.
+def feature_step(extractor: keras.Model, strategy):
+    """One compiled `(image, label, valid) -> (features, label, valid)` step under `strategy`, gathered.
 
     Inference mode (`training=False`): what a frozen backbone computes in a
     training step too (Keras runs frozen BatchNorm in inference mode).
     """
-    @tf.function
-    def step(x, y):
-        out = strategy.run(lambda a, b: (tf.cast(extractor(a, training=False), tf.float32), b), args=(x, y))
-        return strategy.gather(out[0], axis=0), strategy.gather(out[1], axis=0)
+    def replica(x, y, valid):
+        return tf.cast(extractor(x, training=False), tf.float32), y, valid
 
+    @tf.function
+    def step(x, y, valid):
+        out = strategy.run(replica, args=(x, y, valid))
+        return tuple(strategy.gather(o, axis=0) for o in out)
+    return step
+
+
+def _padded(batches: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
+    """`(image, label, valid)` batches all padded to `batch_size` (zeros, `valid` False): one shape, one trace.
+
+    A BiT-R50 trace takes seconds, as long as a pass over a small split; a last,
+    partial batch would cost a second trace per split (and a validation split
+    a third and fourth).
+    """
+    def pad(x, y):
+        n = tf.shape(x)[0]
+
+        def fill(t):
+            t = tf.pad(t, [[0, batch_size - n]] + [[0, 0]] * (len(t.shape) - 1))
+            return tf.ensure_shape(t, [batch_size, *t.shape[1:]])
+        return fill(x), fill(y), tf.range(batch_size) < n
+    return batches.map(pad)
+
+
+def compute_features(step, strategy, batches: tf.data.Dataset, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(features float32 [N, D], labels [N]) of `(image, label)` batches of at most `batch_size`, in order."""
     features, labels = [], []
-    for x, y in strategy.experimental_distribute_dataset(batches):
-        f, label = step(x, y)
-        features.append(f.numpy())
-        labels.append(label.numpy())
+    for x, y, valid in strategy.experimental_distribute_dataset(_padded(batches, batch_size)):
+        f, label, keep = (t.numpy() for t in step(x, y, valid))
+        features.append(f[keep])
+        labels.append(label[keep])
     return np.concatenate(features), np.concatenate(labels)
 
 
@@ -213,9 +237,10 @@ def build_features(model, strategy, stream, val_batches, *, views: int, settings
     stored = _stored(directory, key)
     if stored is not None:
         return stored
-    extractor = feature_extractor(model)
-    arrays = [compute_features(extractor, strategy, view_batches(stream, v)) for v in range(views)]
-    val = compute_features(extractor, strategy, val_batches) if val_batches is not None else None
+    step = feature_step(feature_extractor(model), strategy)
+    batch = stream.batch_size
+    arrays = [compute_features(step, strategy, view_batches(stream, v), batch) for v in range(views)]
+    val = compute_features(step, strategy, val_batches, batch) if val_batches is not None else None
     nbytes = sum(f.nbytes + y.nbytes for f, y in arrays + ([val] if val else []))
     limit = in_memory_limit_bytes
     if limit is None:

@@ -358,6 +358,8 @@ def _run_phases(job: _Job, runner, model, budget: phases.StepBudget, callbacks, 
                                            steps=budget.steps_per_epoch, verbose=verbose)
     model.stop_training = False
     restore, begun, logs = job.run.resume, False, None
+    if job.clock is not None:
+        job.clock.begin()  # training time includes the first phase's compile and a feature cache's pass
     try:
         for phase in phases.plan_phases(t, budget.epochs):
             if phase.end <= checkpoint.state["epochs_done"]:
@@ -412,6 +414,17 @@ def _write_run_files(run: cfg.RunConfig, datasets, write_dir: str):
                              "\n".join(datasets.class_names) + "\n")
 
 
+def _best_fields(write_dir: str, state: dict) -> dict:
+    """The best epoch, the `--best_metric` that chose it and its value, and that epoch's val_accuracy."""
+    metric = state.get("best_metric", "val_accuracy")
+    val_accuracy = state["best_value"] if metric == "val_accuracy" else None
+    if val_accuracy is None and state["best_epoch"] is not None:  # chosen by val_macro_f1 or val_loss
+        rows = [r for r in rundir.read_metrics(write_dir) if r["epoch"] == state["best_epoch"]]
+        val_accuracy = rows[0].get("val_accuracy") if rows else None
+    return {"best_epoch": state["best_epoch"], "best_metric": metric, "best_value": state["best_value"],
+            "best_val_accuracy": val_accuracy}
+
+
 def _write_summary(job: _Job, datasets, model, *, status, state, test=(None, None)) -> dict:
     """Write summary.json (while running, and at the end); returns it."""
     run = job.run
@@ -425,8 +438,7 @@ def _write_summary(job: _Job, datasets, model, *, status, state, test=(None, Non
         "image_size": datasets.image_size,
         "split_sizes": {"train": datasets.num_train, "val": datasets.num_val, "test": datasets.num_test},
         "epochs_done": state["epochs_done"],
-        "best_epoch": state["best_epoch"],
-        "best_val_accuracy": state["best_value"],
+        **_best_fields(job.write_dir, state),
         "test_loss": test[0],
         "test_accuracy": test[1],
         "wall_seconds": round(wall, 2),
