@@ -51,3 +51,26 @@ def make_image_folder(root, classes=("red", "green", "blue"), per_class=12, size
             image[..., c % 3] += 180
             Image.fromarray(image).save(os.path.join(root, name, f"{i}.png"))
     return str(root)
+
+
+def shared_across_workers(tmp_path_factory, name, make):
+    """`make(directory)` once per pytest session, even with xdist's several worker processes.
+
+    Why: a session fixture is per process, so with `-n 2` both workers trained the same
+    expensive run. The first worker to ask makes it under the session's own temp dir (the
+    workers' common parent) while holding a lock; the other waits, then reads what it made.
+    `make` returns something JSON-serializable, which every caller gets.
+    """
+    import fcntl
+    import json
+    import shutil
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # this session's, never older ones
+    directory, done = root / name, root / f"{name}.json"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(directory, ignore_errors=True)  # a failed earlier attempt's leftovers
+            done.write_text(json.dumps(make(str(directory))))
+        return json.loads(done.read_text())

@@ -2,17 +2,18 @@
 
 A quarter-width ResNet-20 on digits at 16 px for 2 short epochs, in-process:
 a real model with real (imperfect) predictions, in seconds. The run lives in
-the session's base temp dir, so every test module that asks finds the same one.
+the session's temp dir (`shared_across_workers`), so every test module that asks, in any
+xdist worker, finds the same one.
 """
-import os
-
 from pipeline import config as cfg
+from tests.helpers import shared_across_workers
 
 
 def small_run(tmp_path_factory) -> str:
-    model_dir = str(tmp_path_factory.getbasetemp() / "small_digits_run")
-    if os.path.exists(os.path.join(model_dir, "summary.json")):
-        return model_dir
+    return shared_across_workers(tmp_path_factory, "small_digits_run", _train)
+
+
+def _train(model_dir: str) -> str:
     from pipeline import training
 
     run = cfg.RunConfig(

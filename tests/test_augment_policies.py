@@ -13,7 +13,6 @@ from pipeline import validation
 from pipeline.data import augment, load_dataset, mixing, policies
 from pipeline.training import inputs
 from pipeline.tuning import overrides, space
-from tests.helpers import FAST, run_cli
 
 SIZE = 16
 
@@ -42,9 +41,12 @@ def test_each_policy_changes_images_keeps_shape_dtype_range_and_is_seeded(name):
     images = _images()
     seeds = np.stack([np.arange(len(images)), np.full(len(images), 7)], 1).astype(np.int64)
     fn = augment.get_augmentation(name, SIZE, SIZE + 4 if name.startswith("bit") else None)
-    first = _through_tf_data(fn, images, seeds)
-    again = _through_tf_data(fn, images, seeds)
-    other = _through_tf_data(fn, images, seeds + 1000)
+    # One parallel pipeline (a policy's map takes seconds to trace), read twice: the images under
+    # their seeds, then under other seeds.
+    ds = tf.data.Dataset.from_tensor_slices((np.concatenate([images, images]),
+                                             np.concatenate([seeds, seeds + 1000])))
+    ds = ds.map(lambda x, s: fn(x, s), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    (first, other), (again, _) = (np.split(np.stack(list(ds.as_numpy_iterator())), 2) for _ in range(2))
     assert first.shape == images.shape and first.dtype == np.float32
     assert first.min() >= 0.0 and first.max() <= 1.0
     np.testing.assert_array_equal(first, again)  # same seed, same images, in any map order
@@ -182,13 +184,12 @@ def test_new_hyperparameters_are_searchable_with_the_flag_values_as_defaults():
         space.make_search_space(cfg.RunConfig(model_dir="x"), tune=["randaugment_magnitude"])
 
 
-def test_train_with_a_policy_and_mixing_under_mirrored_records_every_setting(tmp_path):
-    model_dir = str(tmp_path / "run")
-    args = [a for a in FAST if not a.startswith("--augment")]
-    run_cli("train", *args, "--augment=cifar+randaugment", "--randaugment_magnitude=7", "--random_erasing=0.25",
-            "--color_jitter=0.2", "--cutmix_alpha=1.0", "--mixup_alpha=0.2", "--mix_switch_prob=0.6",
-            "--mix_off_epoch=1", "--epochs=2", "--steps_per_epoch=2", "--strategy=mirrored",
-            "--notensorboard", f"--model_dir={model_dir}", env={"PIPELINE_LOGICAL_CPUS": "2"})
+def test_train_with_a_policy_and_mixing_under_mirrored_records_every_setting(mirrored_recipe_run):
+    """The CLI run (conftest's, shared with test_recipes_loop's recipe flags) trained and recorded each flag."""
+    model_dir = mirrored_recipe_run
+    with open(os.path.join(model_dir, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["status"] == "completed" and summary["replicas"] == 2
     config = json.load(open(os.path.join(model_dir, "config.json")))
     assert config["data"]["augment"] == "cifar+randaugment"
     assert (config["data"]["randaugment_magnitude"], config["data"]["random_erasing"],

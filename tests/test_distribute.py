@@ -4,11 +4,12 @@ Costs (quiet 2-core machine, about 3-4 minutes in all): pure rules and tiny
 in-process models first; then subprocesses, because logical devices and
 `TF_CONFIG` must be set before TensorFlow initializes: one process training
 resnet20 under the default and the mirrored strategy over two logical CPUs,
-and two localhost clusters of two workers (one epoch; a killed worker).
+and one localhost cluster of two workers (full-pass epochs, a killed worker, a restart).
 """
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -282,8 +283,8 @@ def test_mirrored_over_two_logical_cpus_reaches_the_default_strategy_loss(tmp_pa
 
 # --------------------------------------------------------------------------- multi-worker, subprocesses
 
-FAST_MW = ["--dataset=digits", "--model=resnet20", "--augment=none", "--verbose=2", "--notensorboard",
-           "--noreport"]
+FAST_MW = ["--dataset=digits", "--model=resnet20", "--width_multiplier=0.25", "--augment=none", "--verbose=2",
+           "--notensorboard", "--noreport"]
 
 
 class Cluster:
@@ -329,39 +330,20 @@ def _epoch_losses(text):
     return re.findall(r"\d+/\d+ - .*? - loss: ([0-9.]+)", text)
 
 
-def test_two_workers_train_one_epoch_together(tmp_path):
-    model_dir = tmp_path / "run"
-    exports = tmp_path / "exports"
-    with Cluster(tmp_path, "one") as cluster:
-        procs = cluster.start(*FAST_MW, "--batch_size=64", "--epochs=1", f"--model_dir={model_dir}",
-                              "--schedule=constant", "--learning_rate=0.05", "--lr_scaling=linear",
-                              f"--export_dir={exports}", "--export_name=digits")
-        codes = cluster.wait(procs, timeout=480)
-        chief, worker = cluster.output(0), cluster.output(1)
-    assert codes == [0, 0], chief[-3000:] + worker[-3000:]
-    # One run directory (the chief's) and one export; the worker's temp copies are gone.
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["exports", "run", "worker_tmp"]
-    assert os.listdir(exports / "digits") == ["1"]
-    assert os.listdir(cluster.worker_tmp) == []
-    assert f"run directory: {model_dir}" in chief and "run directory" not in worker
-    assert "worker 1 of 2 tasks" in worker
-    summary = json.load(open(model_dir / "summary.json"))
-    assert summary["status"] == "completed" and summary["epochs_done"] == 1
-    assert (summary["strategy"], summary["replicas"], summary["workers"], summary["per_replica_batch"]) == (
-        "multi_worker", 2, 2, 32)
-    rows = rundir.read_metrics(str(model_dir))
-    assert [r["epoch"] for r in rows] == [1]
-    assert summary["lr_scale"] == 2 and rows[0]["lr"] == pytest.approx(0.1)  # 0.05 x 2 replicas
-    # 1257 digits at a global batch of 64: 19 full batches (the short one is dropped).
-    assert "19/19" in chief
-    # Both workers report the same global metrics.
-    assert _epoch_losses(chief) == _epoch_losses(worker) != []
+@pytest.fixture(scope="module")
+def restarted_cluster(tmp_path_factory):
+    """Two workers train full passes together; one is killed, then every task restarts with --resume.
 
-
-def test_killed_worker_restarts_and_finishes_with_each_epoch_once(tmp_path):
-    model_dir = tmp_path / "run"
-    args = [*FAST_MW, "--batch_size=32", "--epochs=3", "--steps_per_epoch=5", "--noexport",
-            f"--model_dir={model_dir}"]
+    One cluster run for both tests below: a global batch of 64 with linear lr
+    scaling, exported at the end; the worker is killed (preempted) once epoch 1
+    is committed, the chief must stop, and the restarted tasks are given only
+    the run directory and --resume (the run's flags.cfg holds the rest), and
+    where to export.
+    """
+    tmp_path = tmp_path_factory.mktemp("cluster")
+    model_dir, exports = tmp_path / "run", tmp_path / "exports"
+    args = [*FAST_MW, "--batch_size=64", "--epochs=3", "--schedule=constant", "--learning_rate=0.05",
+            "--lr_scaling=linear", f"--export_dir={exports}", "--export_name=digits", f"--model_dir={model_dir}"]
     state = model_dir / "checkpoints" / "state.json"
     with Cluster(tmp_path, "killed") as cluster:
         chief, worker = cluster.start(*args)
@@ -375,18 +357,52 @@ def test_killed_worker_restarts_and_finishes_with_each_epoch_once(tmp_path):
         worker.kill()  # preempted after epoch 1
         killed_after = rundir.read_json(str(state))["epochs_done"]
         # The chief notices (coordination-service heartbeats) and stops instead of hanging.
-        assert cluster.wait([chief], timeout=120) != [0]
-        assert "restart every task with --resume" in cluster.output(0)
+        stopped = cluster.wait([chief], timeout=120)
+        stopped_output = cluster.output(0)
+        # What killed processes leave in TMPDIR (their copies, autograph's files) is gone with their
+        # machine; the restarted tasks start on an empty one, and must leave it empty.
+        shutil.rmtree(cluster.worker_tmp)
+        cluster.worker_tmp.mkdir()
         # The cluster manager restarts every task; they resume from the chief's last epoch.
-        restart = cluster.start(f"--model_dir={model_dir}", "--resume", "--noexport", "--noreport")
+        restart = cluster.start(f"--model_dir={model_dir}", "--resume", f"--export_dir={exports}",
+                                "--export_name=digits", "--noreport")  # (what to do after training: not run flags)
         codes = cluster.wait(restart, timeout=480)
-        restarted = cluster.output(2), cluster.output(3)
-    assert codes == [0, 0], restarted[0][-3000:] + restarted[1][-3000:]
-    assert killed_after in (1, 2)
-    assert f"resuming {model_dir} after epoch {killed_after}" in restarted[1]
+        chief_out, worker_out = cluster.output(2), cluster.output(3)
+    return {"tmp_path": tmp_path, "model_dir": model_dir, "exports": exports, "worker_tmp": cluster.worker_tmp,
+            "killed_after": killed_after, "stopped": stopped, "stopped_output": stopped_output,
+            "codes": codes, "chief": chief_out, "worker": worker_out}
+
+
+def test_two_workers_train_one_epoch_together(restarted_cluster):
+    c = restarted_cluster
+    model_dir, chief, worker = c["model_dir"], c["chief"], c["worker"]
+    assert c["codes"] == [0, 0], chief[-3000:] + worker[-3000:]
+    # One run directory (the chief's) and one export; the worker's temp copies are gone.
+    assert sorted(p.name for p in c["tmp_path"].iterdir() if p.is_dir()) == ["exports", "run", "worker_tmp"]
+    assert os.listdir(c["exports"] / "digits") == ["1"]
+    assert os.listdir(c["worker_tmp"]) == []
+    assert f"run directory: {model_dir}" in chief and "run directory" not in worker
+    assert "worker 1 of 2 tasks" in worker
+    summary = json.load(open(model_dir / "summary.json"))
+    assert (summary["strategy"], summary["replicas"], summary["workers"], summary["per_replica_batch"]) == (
+        "multi_worker", 2, 2, 32)
+    rows = rundir.read_metrics(str(model_dir))
+    assert summary["lr_scale"] == 2 and all(r["lr"] == pytest.approx(0.1) for r in rows)  # 0.05 x 2 replicas
+    # 1257 digits at a global batch of 64: 19 full batches (the short one is dropped).
+    assert "19/19" in chief
+    # Both workers report the same global metrics.
+    assert _epoch_losses(chief) == _epoch_losses(worker) != []
+
+
+def test_killed_worker_restarts_and_finishes_with_each_epoch_once(restarted_cluster):
+    c = restarted_cluster
+    model_dir = c["model_dir"]
+    assert c["stopped"] != [0] and "restart every task with --resume" in c["stopped_output"]
+    assert c["codes"] == [0, 0], c["chief"][-3000:] + c["worker"][-3000:]
+    assert c["killed_after"] in (1, 2)
+    assert f"resuming {model_dir} after epoch {c['killed_after']}" in c["worker"]
     rows = rundir.read_metrics(str(model_dir))
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     summary = json.load(open(model_dir / "summary.json"))
     assert summary["status"] == "completed" and summary["epochs_done"] == 3
     assert summary["strategy"] == "multi_worker"
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["run", "worker_tmp"]

@@ -118,7 +118,7 @@ def test_init_from_copies_all_but_the_head(digits_run, folder):
 
 def test_init_from_cli_on_a_new_task(digits_run, folder, tmp_path):
     proc = run_cli("train", "--noexport", "--noreport", f"--dataset=folder:{folder}", "--model=resnet20",
-                   "--epochs=1",
+                   "--epochs=1", "--image_size=32",  # a folder trains at 224 unless told: 49x the pixels
                    "--batch_size=8", "--augment=none", "--verbose=2", f"--init_from={digits_run['model_dir']}",
                    f"--model_dir={tmp_path / 'adapted'}")
     assert "init_from: copied" in proc.stdout

@@ -342,12 +342,22 @@ def test_keras_hub_is_imported_only_when_a_keras_hub_model_is_used(keras_preset,
 
 # --------------------------------------------------------------------------- end to end
 
-def test_finetune_end_to_end_on_a_local_preset(keras_preset, tmp_path):
-    model_dir, export_root = tmp_path / "run", tmp_path / "saved_models"
-    run_cli("finetune", f"--model=keras_hub:{keras_preset}", "--dataset=digits", "--epochs=1",
+@pytest.fixture(scope="module")
+def finetuned(keras_preset, tmp_path_factory):
+    """One `python -m pipeline.finetune` on the local preset, a run like any other: two replicas
+    (logical CPUs), a frozen epoch then a backbone multiplier, exported and reported at the end."""
+    root = tmp_path_factory.mktemp("finetuned")
+    model_dir, export_root = root / "run", root / "saved_models"
+    run_cli("finetune", f"--model=keras_hub:{keras_preset}", "--dataset=digits", "--epochs=2",
+            "--freeze_epochs=1", "--backbone_lr_multiplier=0.1", "--strategy=mirrored",
             "--batch_size=16", "--steps_per_epoch=2", f"--image_size={SIZE}", "--augment=none",
             "--schedule=cosine", "--learning_rate=0.01",  # hyperrule would set a 500-step budget
-            f"--model_dir={model_dir}", f"--export_dir={export_root}")
+            f"--model_dir={model_dir}", f"--export_dir={export_root}", env={"PIPELINE_LOGICAL_CPUS": "2"})
+    return model_dir, export_root
+
+
+def test_finetune_end_to_end_on_a_local_preset(finetuned, keras_preset):
+    model_dir, export_root = finetuned
     assert (model_dir / "metrics.csv").is_file()
     assert (model_dir / "checkpoints" / "best.keras").is_file()
     assert (model_dir / "report.html").is_file()
@@ -361,16 +371,12 @@ def test_finetune_end_to_end_on_a_local_preset(keras_preset, tmp_path):
     assert card["weights"] == weights  # the export says where its weights came from, too
 
 
-def test_frozen_then_scaled_backbone_under_mirrored_then_visualized(keras_preset, tmp_path):
+def test_frozen_then_scaled_backbone_under_mirrored_then_visualized(finetuned):
     """A keras_hub run like any other: two replicas, a frozen epoch, a backbone multiplier, the plots."""
-    model_dir = tmp_path / "run"
-    run_cli("finetune", f"--model=keras_hub:{keras_preset}", "--dataset=digits", "--epochs=2",
-            "--freeze_epochs=1", "--backbone_lr_multiplier=0.1", "--strategy=mirrored",
-            "--batch_size=16", "--steps_per_epoch=2", f"--image_size={SIZE}", "--augment=none",
-            "--schedule=cosine", "--learning_rate=0.01", "--noexport", "--noreport",
-            f"--model_dir={model_dir}", env={"PIPELINE_LOGICAL_CPUS": "2"})
+    model_dir, _ = finetuned
     summary = json.loads((model_dir / "summary.json").read_text())
     assert (summary["status"], summary["epochs_done"], summary["replicas"]) == ("completed", 2, 2)
+    assert (summary["strategy"], summary["per_replica_batch"]) == ("mirrored", 8)
     proc = run_cli("visualize", f"--model_dir={model_dir}", "--what=feature_maps,gradcam", "--image=test:0")
     written = [line.split(" ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("wrote ")]
     assert any("gradcam" in p for p in written) and any("feature_maps_backbone" in p for p in written)

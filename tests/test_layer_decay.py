@@ -19,10 +19,9 @@ import tensorflow as tf
 from pipeline import config as cfg
 from pipeline import validation
 from pipeline.models import bit, create_model, stages
-from pipeline.training import distribute, optimizers
+from pipeline.training import optimizers
 from pipeline.tuning import space as search_space
 from pipeline.tuning.overrides import apply_overrides
-from tests.helpers import FAST, run_cli
 
 LR, DECAY, BACKBONE = 20.0, 0.5, 0.3  # a large rate: the deep stems' updates stay well above float32 round-off
 # family -> (model, input size, {layer: stages counted back from the head (head 0)}).
@@ -157,7 +156,7 @@ def test_a_model_without_stages_is_refused_in_one_line(tmp_path):
         stages.layer_decay_multipliers(model, name, 0.7)
 
 
-def test_flags_are_checked_searchable_and_recorded(tmp_path):
+def test_flags_are_checked_searchable_and_recorded(tmp_path, mirrored_recipe_run):
     for bad in (0.0, 1.5, float("nan")):
         with pytest.raises(ValueError, match=r"--layer_decay=.* is out of range: must be in \(0, 1\]"):
             validation.check_train(cfg.TrainConfig(layer_decay=bad))
@@ -176,12 +175,10 @@ def test_flags_are_checked_searchable_and_recorded(tmp_path):
         search_space.make_search_space(nasnet, tune=["drop_path"])
     trial = apply_overrides(base, {"drop_path": 0.2, "layer_decay": 0.6})
     assert trial.model.drop_path == 0.2 and trial.train.layer_decay == 0.6
-    model_dir = tmp_path / "run"
     # End to end under MirroredStrategy over 2 logical CPUs (the per-variable rates there are
-    # Keras's update_step per replica component, keyed by `optimizers.variable_key`).
-    run_cli("train", *FAST, "--epochs=1", "--steps_per_epoch=1", "--image_size=16", "--notensorboard",
-            "--layer_decay=0.7", "--drop_path=0.1", "--strategy=mirrored", f"--model_dir={model_dir}",
-            env={distribute.LOGICAL_CPUS_ENV: "2"})
+    # Keras's update_step per replica component, keyed by `optimizers.variable_key`): conftest's
+    # run with every recipe flag on (shared with test_recipes_loop and test_augment_policies).
+    model_dir = mirrored_recipe_run
     summary = json.load(open(os.path.join(model_dir, "summary.json")))
     assert summary["status"] == "completed" and summary["replicas"] == 2
     config = json.load(open(os.path.join(model_dir, "config.json")))

@@ -8,6 +8,7 @@ import collections
 import dataclasses
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -21,7 +22,7 @@ from pipeline import config as cfg
 from pipeline import data, rundir, training
 from pipeline.models import load_model
 from pipeline.training import class_weights, ema, loop
-from tests.helpers import FAST, REPO, last_line, make_image_folder, run_cli
+from tests.helpers import REPO, last_line, make_image_folder
 
 SIZE, CLASSES = 8, 3
 
@@ -139,7 +140,12 @@ def test_ema_resume_restores_it_exactly_and_best_checkpoint_and_export_hold_it(t
     rows = rundir.read_metrics(straight.model_dir)
     assert all(r["val_accuracy_raw"] is not None and r["val_macro_f1"] is not None for r in rows)
     state = rundir.read_json(rundir.path(straight.model_dir, "checkpoints", "state.json"))
-    assert state["best_epoch"] == max(rows, key=lambda r: (r["val_macro_f1"], r["epoch"]))["epoch"]
+    best_row = max(rows, key=lambda r: (r["val_macro_f1"], r["epoch"]))
+    assert state["best_epoch"] == best_row["epoch"]
+    summary = rundir.read_json(rundir.path(straight.model_dir, "summary.json"))  # names what chose the best
+    assert (summary["best_metric"], summary["best_epoch"]) == ("val_macro_f1", best_row["epoch"])
+    assert summary["best_value"] == pytest.approx(best_row["val_macro_f1"])
+    assert summary["best_val_accuracy"] == pytest.approx(best_row["val_accuracy"])  # that epoch's accuracy
 
     from pipeline.serving import export as export_lib
     exported = tf.saved_model.load(export_lib.export_run(straight.model_dir, export_root=str(tmp_path / "sm")))
@@ -330,7 +336,7 @@ print(json.dumps(out))
 """
 
 
-def test_recipes_under_mirrored_over_two_logical_cpus(tmp_path):
+def test_recipes_under_mirrored_over_two_logical_cpus(mirrored_recipe_run):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PIPELINE_LOGICAL_CPUS": "2"}
     proc = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT], cwd=REPO, capture_output=True, text=True,
                           timeout=600, env=env)
@@ -341,13 +347,8 @@ def test_recipes_under_mirrored_over_two_logical_cpus(tmp_path):
     assert out["ema_diff"] < 1e-6
     assert out["weighted_loss"] == pytest.approx(out["expected_loss"], rel=1e-5)
 
-    weights = tmp_path / "weights.json"
-    weights.write_text(json.dumps({str(i): 1.0 + i for i in range(10)}))
-    model_dir = tmp_path / "run"
-    run_cli("train", *FAST, "--strategy=mirrored", "--epochs=2", "--steps_per_epoch=2", "--image_size=16",
-            "--ema_decay=0.9", "--noema_warmup", "--clip_norm=1", "--accumulation_steps=4",
-            f"--class_weight={weights}", "--best_metric=val_loss", "--notensorboard", f"--model_dir={model_dir}",
-            env={"PIPELINE_LOGICAL_CPUS": "2"})
+    # The CLI with every recipe flag on (and an augmentation policy with mixing: test_augment_policies).
+    model_dir = pathlib.Path(mirrored_recipe_run)
     summary = json.loads((model_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["replicas"] == 2
     rows = rundir.read_metrics(str(model_dir))

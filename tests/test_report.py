@@ -137,8 +137,10 @@ def _drop_deploy_record(model_dir):
 
 def copy_run(source, target, *, checkpoints=True):
     """A copy of a run directory (files keep their times, so cached evaluations stay fresh)."""
-    ignore = None if checkpoints else shutil.ignore_patterns("checkpoints", "tensorboard", "plots", "report.*")
-    shutil.copytree(source, target, ignore=ignore)
+    # Another xdist worker may be writing into the shared run (an export's deploy.json): its temp files
+    # come and go while the tree is copied.
+    skipped = (rundir.TMP_PREFIX + "*",) + (() if checkpoints else ("checkpoints", "tensorboard", "plots", "report.*"))
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns(*skipped))
     config = read_json(os.path.join(target, "config.json"))
     config["model_dir"] = str(target)
     write_json(os.path.join(target, "config.json"), config)

@@ -148,7 +148,7 @@ def feature_step(extractor: keras.Model, strategy):
 
 
 def _padded(batches: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
-    """`(image, label, valid)` batches all padded to `batch_size` (zeros, `valid` False): one shape, one trace.
+    """`(image, label, valid)` batches all padded to `batch_size` (zeros, `valid` 0): one shape, one trace.
 
     A BiT-R50 trace takes seconds, as long as a pass over a small split; a last,
     partial batch would cost a second trace per split (and a validation split
@@ -160,7 +160,7 @@ def _padded(batches: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
         def fill(t):
             t = tf.pad(t, [[0, batch_size - n]] + [[0, 0]] * (len(t.shape) - 1))
             return tf.ensure_shape(t, [batch_size, *t.shape[1:]])
-        return fill(x), fill(y), tf.range(batch_size) < n
+        return fill(x), fill(y), tf.cast(tf.range(batch_size) < n, tf.int32)  # gather takes no bool
     return batches.map(pad)
 
 
@@ -169,8 +169,8 @@ def compute_features(step, strategy, batches: tf.data.Dataset, batch_size: int) 
     features, labels = [], []
     for x, y, valid in strategy.experimental_distribute_dataset(_padded(batches, batch_size)):
         f, label, keep = (t.numpy() for t in step(x, y, valid))
-        features.append(f[keep])
-        labels.append(label[keep])
+        features.append(f[keep == 1])
+        labels.append(label[keep == 1])
     return np.concatenate(features), np.concatenate(labels)
 
 
