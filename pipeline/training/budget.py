@@ -285,7 +285,8 @@ def probe_step_seconds(run: cfg.RunConfig, datasets, resolution: int, *, steps: 
 
 def _shape(run: cfg.RunConfig, datasets, batch: int) -> RunShape:
     """The run at its own length at `batch` (HyperRule, --total_steps or --epochs)."""
-    budget = step_budget(run.train, num_train=datasets.num_train, batch_size=batch, drop_remainder=run.data.drop_remainder)
+    budget = step_budget(run.train, num_train=datasets.num_train, batch_size=batch,
+                         drop_remainder=run.data.drop_remainder)
     total = budget.hyperrule.total_steps if budget.hyperrule else budget.epochs * budget.steps_per_epoch
     return RunShape(total, budget.steps_per_epoch,
                     math.ceil(datasets.num_val / batch) if datasets.val is not None else 0,
