@@ -133,7 +133,7 @@ def define_data_flags():
     flags.DEFINE_integer("image_size", None, "Square model resolution (default: the data's own).")
     flags.DEFINE_integer("resize_size", None, "`bit` augmentation: resize to this, then crop --image_size.")
     lazy_enum("augment", "cifar", augmentation_names, "Training augmentation: a crop, a policy (after resizing "
-               "only), or <crop>+<policy>: the crop and its flip first, then the policy.")
+              "only), or <crop>+<policy>: the crop and its flip first, then the policy.")
     run_flags.define_augment_policy_flags()
     flags.DEFINE_integer("batch_size", 128, "Global batch size (split over replicas by tf.distribute).",
                          lower_bound=1)
@@ -186,12 +186,12 @@ def define_train_flags(**defaults):
     flags.DEFINE_float("mixup_alpha", 0.0, "MixUp alpha (0 = off).")
     run_flags.define_mixing_flags()
     lazy_enum("precision", "auto", precision_names,
-               "auto: mixed_float16 on GPUs >= 7.0, mixed_bfloat16 on CPUs with AVX512-BF16/AMX, "
-               "else float32.")
+              "auto: mixed_float16 on GPUs >= 7.0, mixed_bfloat16 on CPUs with AVX512-BF16/AMX, "
+              "else float32.")
     lazy_enum("strategy", "auto", _strategies,
-               "tf.distribute strategy. auto: tpu when --tpu is set, else multi_worker when "
-               "TF_CONFIG names more than one chief/worker task, else mirrored over several "
-               "GPUs, else default (one device). --batch_size stays the global batch.")
+              "tf.distribute strategy. auto: tpu when --tpu is set, else multi_worker when "
+              "TF_CONFIG names more than one chief/worker task, else mirrored over several "
+              "GPUs, else default (one device). --batch_size stays the global batch.")
     flags.DEFINE_string("tpu", None, "Cloud TPU for --strategy=tpu (or auto): its name or grpc:// "
                         "address, or `local` on a TPU VM.")
     flags.DEFINE_enum("lr_scaling", "none", ["none", "linear"],
