@@ -36,6 +36,8 @@ import sys
 import time
 import uuid
 
+from pipeline import keras_file
+
 METRIC_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr",
                   "epoch_seconds", "images_per_second")
 # --ema_decay / --best_metric (training recipes): validation's macro F1, and the raw (not averaged)
@@ -220,8 +222,8 @@ def replace_atomic(filename: str, write) -> None:
 
 
 def save_model_atomic(model, filename: str) -> None:
-    """`model.save` into a temp file beside `filename`, then rename over it."""
-    replace_atomic(filename, model.save)
+    """`model.save` into a temp file beside `filename`, then rename over it (weights streamed via disk)."""
+    replace_atomic(filename, lambda tmp: keras_file.save_keras(model, tmp))
 
 
 def copy_atomic(source: str, filename: str) -> None:

@@ -521,3 +521,17 @@ def test_structure_maps_every_known_unit_order_without_names(params, layout):
     assert sorted(arrays) == sorted(params)  # the head too: kernel and bias after the last norm
     for key, value in params.items():
         np.testing.assert_array_equal(arrays[key], value, err_msg=key)
+
+
+def test_stride_one_units_convolve_same_which_equals_the_authors_pad_then_valid():
+    """SAME at stride 1 is pad 1 + VALID (bit_tf2), without keeping a padded copy of the input;
+    stride-2 units keep the explicit pad (SAME would pad 0 before and 1 after)."""
+    model = bit.build_bit(depths=SMALL, width=0.5, num_classes=3, input_shape=(32, 32, 3))
+    names = {layer.name for layer in model.layers}
+    assert "block1_unit02_b_pad" not in names and "block2_unit01_b_pad" in names
+    conv = model.get_layer("block1_unit02_b_conv")
+    assert conv.strides == (1, 1) and conv.padding == "same"
+    x = tf.random.stateless_uniform((2, 8, 8, conv.kernel.shape[2]), seed=(3, 4))
+    kernel = conv.standardized_kernel()
+    valid = tf.nn.conv2d(tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]]), kernel, 1, "VALID")
+    np.testing.assert_allclose(np.asarray(conv(x)), np.asarray(valid), rtol=1e-5, atol=1e-6)

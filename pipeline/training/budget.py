@@ -249,6 +249,7 @@ def probe_step_seconds(run: cfg.RunConfig, datasets, resolution: int, *, steps: 
     import keras
     import tensorflow as tf
 
+    from pipeline import keras_file
     from pipeline.models import create_model
     from pipeline.training import distribute, precision
     from pipeline.training import loop as loop_lib
@@ -276,7 +277,7 @@ def probe_step_seconds(run: cfg.RunConfig, datasets, resolution: int, *, steps: 
     seconds = (time.time() - timed) / steps
     with tempfile.TemporaryDirectory() as tmp:
         saving = time.time()
-        model.save(os.path.join(tmp, "probe.keras"))
+        keras_file.save_keras(model, os.path.join(tmp, "probe.keras"))  # as the epochs' checkpoints
         save_seconds = time.time() - saving
     del model, runner
     keras.backend.clear_session()

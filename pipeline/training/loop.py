@@ -66,6 +66,7 @@ import tensorflow as tf
 
 from pipeline.training import class_weights as class_weights_lib
 from pipeline.training import ema as ema_lib
+from pipeline.training import memory
 from pipeline.training.class_weights import example_weights
 
 
@@ -274,6 +275,7 @@ class Loop:
         return tf.function(run_steps, reduce_retracing=True)
 
     def _run(self, function, iterator, steps: int):
+        memory.release_free_heap()  # what Python and tracing freed goes back before TF's pool grows
         done, logs = function(iterator, tf.constant(steps, tf.int32))
         return int(done), logs
 
