@@ -74,6 +74,23 @@ def test_cached_head_update_equals_the_uncached_one(tmp_path, folder, capsys):
             assert abs(float(row_c[key]) - float(row_p[key])) < 1e-5, (key, row_c, row_p)
 
 
+def test_a_backbone_that_drops_at_random_in_training_switches_the_cache_off(tmp_path, folder, capsys):
+    """Dropout inside the frozen backbone (here drop-path in a BiT the run does not declare as BiT) acts in
+    training mode: a model whose spec does not declare `frozen_is_inference` is checked by running it."""
+    run = _run(tmp_path, "dropout", folder, cache=True, epochs=1)
+    run = dataclasses.replace(run, model=cfg.ModelConfig(name="keras_efficientnetb0"))  # only recorded
+    keras.utils.set_random_seed(0)
+    with distribute.resolve_strategy("auto")[0].scope():
+        model = bit.build_bit(depths=(1, 1, 1, 1), width=0.5, num_classes=3, input_shape=(32, 32, 3),
+                              drop_path_rate=0.5)
+    train(run, model=model)
+    printed = capsys.readouterr().out
+    assert "feature cache off:" in printed and "training mode" in printed, printed
+    assert "feature cache:" not in printed
+    assert len(_metrics(run)) == 1  # the frozen phase trained, uncached
+    assert feature_cache.training_mode_note(_tiny_bit(), 32) == ""  # the plain backbone keeps the cache
+
+
 def test_changed_backbone_invalidates_the_stored_cache(tmp_path, folder, monkeypatch):
     datasets = data.load_dataset(cfg.DataConfig(dataset=folder, augment="none", batch_size=8, image_size=32,
                                                 val_fraction=0.2, test_fraction=0.1))
@@ -143,3 +160,13 @@ def test_cutmix_erasing_and_jitter_switch_the_cache_off_too(data, train, reason)
     t = cfg.TrainConfig(freeze_epochs=2, **train)
     views, note = feature_cache.plan(d, t, mixup_alpha=0.0)
     assert views == 0 and reason in note
+
+
+def test_keras_applications_efficientnet_drop_connect_is_found_by_running_it():
+    """EfficientNet's blocks hold Dropout layers (drop-connect) that act in training mode even when frozen."""
+    from pipeline.models import create_model, get_spec
+    from pipeline.models.pretrained import set_backbone_trainable
+    assert not get_spec("keras_efficientnetb0").frozen_is_inference and get_spec("bit_m_r50x1").frozen_is_inference
+    model = create_model("keras_efficientnetb0", num_classes=3, image_size=32)
+    set_backbone_trainable(model, False)
+    assert "training mode" in feature_cache.training_mode_note(model, 32)

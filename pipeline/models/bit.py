@@ -575,6 +575,7 @@ for _upstream in BIT_UPSTREAMS:
         _arch = BIT_ARCHS[_arch_key]
         register_model(_name, family="bit", default_image_size=128, pretrained=True,
                        depth=3 * sum(_arch.depths) + 2, depths=_arch.depths, width=_arch.width,
-                       default_weights=_arch.hub_handle(_upstream), stages=(STAGES,))(_builder)
+                       default_weights=_arch.hub_handle(_upstream), stages=(STAGES,),
+                       frozen_is_inference=True)(_builder)  # GroupNorm, no dropout but --drop_path's
         globals()[_name] = _builder
 del _upstream, _arch_key, _arch, _name, _builder

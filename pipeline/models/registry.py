@@ -55,6 +55,10 @@ class ModelSpec:
         and stages 1..n (the head is "logits"), what `--layer_decay` scales;
         () where the family cannot say (opaque hub modules, applications whose
         layers have generated names).
+      frozen_is_inference: a frozen backbone computes in training mode what it
+        computes in inference mode (no dropout inside; options that add some
+        are refused by `feature_cache.plan`), so `--cache_features` need not
+        check it by running the model (`feature_cache.training_mode_note`).
     """
 
     name: str
@@ -71,6 +75,7 @@ class ModelSpec:
     provenance: Optional[Callable] = None
     image_size_for: Optional[Callable] = None
     stages: tuple = ()
+    frozen_is_inference: bool = False
 
     def options(self) -> set[str]:
         """Keyword options the builder accepts beyond the common contract."""
@@ -86,7 +91,7 @@ def register_model(name: str | None = None, *, family: str, default_image_size: 
     With `prefix=True`, `name` ends with ':' and the model is selected by names
     like `hub:<handle>`; the builder then receives `argument=<handle>`.
     `architecture` sets the ModelSpec's metadata fields (`depth`, `depths`,
-    `width`, `residual`, `default_weights`, `stages`).
+    `width`, `residual`, `default_weights`, `stages`, `frozen_is_inference`).
     """
 
     def decorate(fn):

@@ -23,8 +23,11 @@ another image size, precision or augmentation never reads a stale cache.
 
 The cache switches itself off, with one printed note, whenever a batch is not
 a pure function of the image: MixUp (and any batch-level mixing), random
-augmentations without `--feature_views`, or a model whose trainable variables
-in the frozen phase are not exactly its head's.
+augmentations without `--feature_views`, a model whose trainable variables
+in the frozen phase are not exactly its head's, or a frozen backbone that
+computes other features in training mode than in inference mode (dropout
+inside, as EfficientNet's drop-connect: `training_mode_note`, a check run on
+one image unless the model's spec declares `frozen_is_inference`).
 
 Trainer hook: `cached_runner(...)` wraps the run's `loop.Loop`; it behaves as
 the Loop except that `train_epoch` in a frozen phase trains the head on the
@@ -46,6 +49,7 @@ import tensorflow as tf
 
 from pipeline import rundir
 from pipeline.data.dataset import pass_seed
+from pipeline.models import get_spec
 from pipeline.models.pretrained import HEAD, POOL, backbone_layers
 from pipeline.training import loop as loop_lib
 from pipeline.training import memory
@@ -121,6 +125,29 @@ class _Head(keras.Model):
     def stop_training(self, value):
         if hasattr(self, "_full_model"):
             self._full_model().stop_training = value
+
+
+def training_mode_note(model: keras.Model, image_size: int) -> str:
+    """"" when the pooled features in training mode equal inference mode's on a random image, else why not.
+
+    The uncached frozen phase calls the model with `training=True`; the cache
+    computes the features with `training=False`. They differ whenever a layer
+    of the backbone acts on the `training` flag although it is frozen:
+    Dropout and its kin (EfficientNet's drop-connect, a keras-hub ViT's
+    dropout) zero or rescale at random, and a deterministic difference would
+    break the equality as surely. A behavioural check, not a list of layer
+    types, so it also covers custom sublayers and SavedModel layers.
+    """
+    extractor = feature_extractor(model)
+    images = keras.random.uniform((1, image_size, image_size, 3), seed=0)  # eager: ~0.5 s per BiT-R50 call
+    inference = np.asarray(extractor(images, training=False))
+    training = np.asarray(extractor(images, training=True))
+    # Relative to the features' own scale (randomly initialized backbones give features of ~1e-6).
+    if np.abs(training - inference).max() <= 1e-5 * np.abs(inference).max():
+        return ""
+    return (f"feature cache off: {model.name}'s frozen backbone computes other features in training mode "
+            "(dropout or another layer acting on training=True), so cached features would not be the "
+            "frozen phase's.")
 
 
 def head_model(model: keras.Model) -> keras.Model:
@@ -275,12 +302,14 @@ class CachedFeatureRunner:
 
     def __init__(self, runner: loop_lib.Loop, model: keras.Model, *, stream, val_batches, views: int,
                  settings: dict, write_dir: str, label_smoothing: float, num_classes: int,
-                 fixed_steps: bool = False):
+                 fixed_steps: bool = False, frozen_is_inference: bool = False):
         self._runner, self._model, self._fixed_steps = runner, model, fixed_steps
         self._stream, self._val_batches, self._views = stream, val_batches, views
         self._settings, self._write_dir = settings, write_dir
         self._label_smoothing, self._num_classes = label_smoothing, num_classes
         self._features: Optional[Features] = None
+        self._off: Optional[bool] = None  # training_mode_note's verdict, once per run
+        self._frozen_is_inference = frozen_is_inference
         self._head: Optional[loop_lib.Loop] = None  # the head's Loop in a frozen phase, else None
         self._val = None
 
@@ -288,7 +317,7 @@ class CachedFeatureRunner:
         return getattr(self._runner, name)
 
     def _frozen(self) -> bool:
-        """The backbone is frozen and the head's variables are exactly what trains."""
+        """The backbone is frozen, the head's variables are exactly what trains, and training mode changes nothing."""
         model = self._model
         if any(layer.trainable for layer in backbone_layers(model)):
             return False
@@ -296,7 +325,12 @@ class CachedFeatureRunner:
         if head != {id(v) for v in model.trainable_variables}:
             print("feature cache off: in the frozen phase more than the head trains.", flush=True)
             return False
-        return True
+        if self._off is None and self._features is None and not self._frozen_is_inference:
+            note = training_mode_note(model, int(self._settings["image_size"]))
+            if note:
+                print(note, flush=True)
+            self._off = bool(note)
+        return not self._off
 
     def _ensure_features(self) -> Features:
         if self._features is None:
@@ -368,4 +402,5 @@ def cached_runner(run, runner: loop_lib.Loop, model: keras.Model, datasets, *, m
                                settings=settings, write_dir=write_dir,
                                label_smoothing=run.train.label_smoothing,
                                num_classes=len(datasets.class_names),
-                               fixed_steps=bool(run.train.steps_per_epoch))
+                               fixed_steps=bool(run.train.steps_per_epoch),
+                               frozen_is_inference=get_spec(run.model.name).frozen_is_inference)
