@@ -440,3 +440,26 @@ def test_serving_bench_measures_latency_and_throughput(tiny, tmp_path):
             assert m["images_per_second"] > 0
         assert result["latency_p50_ms"] == result["measurements"][0]["p50_ms"]
         assert result["images_per_second"] == result["measurements"][1]["images_per_second"]
+
+
+def test_a_bit_export_serves_its_predictions_from_standardized_kernels(tmp_path):
+    """BiT's weight standardization is a constant at inference: the export holds the standardized kernels
+    (plain convolutions) and answers what the Keras model answers."""
+    from pipeline.models import bit
+    from pipeline.models.inference import inference_model
+    keras.utils.set_random_seed(0)
+    model = bit.build_bit(depths=(1, 1, 1, 1), width=0.5, num_classes=3, input_shape=(32, 32, 3))
+    head = model.get_layer("logits")
+    head.kernel.assign(np.random.RandomState(0).normal(size=head.kernel.shape).astype("f4"))
+    copy = inference_model(model)
+    assert not any(isinstance(layer, bit.StandardizedConv2D) for layer in copy.layers)
+    images = np.random.RandomState(1).uniform(size=(4, 32, 32, 3)).astype("f4")
+    np.testing.assert_array_equal(np.asarray(copy(images)), np.asarray(model(images)))
+    path = export.export_model(model, ["a", "b", "c"], str(tmp_path), "bit")
+    loaded = tf.saved_model.load(path)
+    served = loaded.signatures["serving_default"](images=tf.constant(images))["probabilities"].numpy()
+    np.testing.assert_allclose(served, np.asarray(tf.nn.softmax(model(images))), atol=1e-6)
+    kernel = {v.name: v.numpy() for v in loaded.model_variables}["block1_unit01_b_conv/kernel:0"]
+    np.testing.assert_allclose(kernel.mean(axis=(0, 1, 2)), 0.0, atol=1e-5)  # standardized per output channel
+    np.testing.assert_allclose(kernel.var(axis=(0, 1, 2)), 1.0, rtol=1e-4)
+    assert isinstance(model.get_layer("block1_unit01_b_conv"), bit.StandardizedConv2D)  # the model is unchanged

@@ -124,6 +124,20 @@ class StandardizedConv2D(keras.layers.Conv2D):
     def get_config(self):
         return {**super().get_config(), "epsilon": self.epsilon}
 
+    def plain_layer(self) -> keras.layers.Conv2D:
+        """A plain Conv2D of this configuration (same name), to hold the standardized kernel for inference.
+
+        The `pipeline.models.inference` protocol: with frozen weights the
+        standardization is a constant, yet this layer recomputes it at every
+        call (63 ms per call for BiT-R50x1 here, batch 1 or 64 alike).
+        """
+        config = {k: v for k, v in self.get_config().items() if k != "epsilon"}
+        return keras.layers.Conv2D.from_config(config)
+
+    def inference_weights(self) -> list:
+        """`plain_layer`'s weights: the standardized kernel (float32), then the bias if any."""
+        return [np.asarray(self.standardized_kernel())] + ([np.asarray(self.bias)] if self.use_bias else [])
+
 
 # --------------------------------------------------------------------------- architecture
 
