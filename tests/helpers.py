@@ -10,15 +10,83 @@ FAST = ["--dataset=digits", "--model=resnet20", "--batch_size=64", "--augment=no
         "--noexport", "--noreport"]
 
 
-def run_cli(verb, *args, timeout=600, check=True, env=None):
-    """Run `python -m pipeline.<verb> args...` in a subprocess; returns CompletedProcess."""
-    proc = subprocess.run([sys.executable, "-m", f"pipeline.{verb}", *args], cwd=REPO,
+def run_cli(verb, *args, timeout=600, check=True, env=None, tiny=False):
+    """Run `python -m pipeline.<verb> args...` in a subprocess; returns CompletedProcess.
+
+    `tiny=True`: the same command with every model the trainer builds replaced by
+    `tiny_model` (see `cli_command`).
+    """
+    proc = subprocess.run(cli_command(verb, *args, tiny=tiny), cwd=REPO,
                           capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"pipeline.{verb} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-5000:]}")
     return proc
+
+
+# `python -m pipeline.<verb>` with `use_tiny_model()` applied first: the verb's own main, flags and
+# `__main__` block, run by runpy as `-m` would.
+_TINY_MAIN = """
+import runpy, sys
+from tests.helpers import use_tiny_model
+use_tiny_model()
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+def cli_command(verb, *args, tiny=False):
+    """The argv of `python -m pipeline.<verb> args...`; with `tiny`, through `use_tiny_model` first.
+
+    Why `tiny`: a process's fixed cost is mostly tracing the model's train and test
+    steps (resnet20: ~10 s, a quarter width too); a conv-BN-pool net traces in about
+    a second. Tests whose claim is a run's machinery (kills and resumes, clusters,
+    searches), not an architecture, pass it; the run's config still names its model.
+    """
+    if not tiny:
+        return [sys.executable, "-m", f"pipeline.{verb}", *args]
+    return [sys.executable, "-c", _TINY_MAIN, f"pipeline.{verb}", *args]
+
+
+def tiny_model(num_classes=10, image_size=32, normalization=None, name="tiny"):
+    """Normalize, conv, BatchNorm, ReLU, pooling, logits: what the trainer needs of a model.
+
+    The registry models' contract, small: float32 [0, 1] images in (the model owns its
+    normalization), float32 logits out (under mixed precision too), the "pool" and
+    "logits" layers that fine-tuning and the feature cache look up; weights, BatchNorm
+    statistics and optimizer state to checkpoint and resume.
+    """
+    import keras
+
+    from pipeline.models.layers import Normalize
+
+    mean, std = normalization or (None, None)
+    inp = keras.Input((image_size, image_size, 3))
+    x = Normalize(mean, std, name="normalize")(inp)
+    x = keras.layers.Conv2D(8, 3, padding="same", name="stem_conv")(x)
+    x = keras.layers.BatchNormalization(name="stem_bn")(x)
+    x = keras.layers.ReLU(name="stem_relu")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    out = keras.layers.Dense(num_classes, dtype="float32", name="logits")(x)
+    return keras.Model(inp, out, name=name)
+
+
+def use_tiny_model():
+    """Make `trainer.build_model` (every run's and every tuner trial's model) build `tiny_model`.
+
+    For this process only: the CLI subprocesses of `run_cli(..., tiny=True)`; in a test,
+    `monkeypatch.setattr(trainer, "build_model", tiny_build_model)` instead. Nothing else
+    changes: flags, config.json and flags.cfg still name the run's model, and a resume
+    builds the same tiny model to load its checkpoint into.
+    """
+    from pipeline.training import trainer
+    trainer.build_model = tiny_build_model
+
+
+def tiny_build_model(run, datasets):
+    """`trainer.build_model`'s signature and inputs (classes, size, statistics), `tiny_model`'s net."""
+    return tiny_model(len(datasets.class_names), datasets.image_size, (datasets.mean, datasets.std))
 
 
 def last_line(text):

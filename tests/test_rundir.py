@@ -2,7 +2,8 @@
 
 Library calls in-process where the fault allows (digits, 1 step per epoch, on a one-conv
 `tiny_model` whose config says resnet20); subprocesses where the fault is a process's (kills,
-the CLI's retry), which train a quarter-width resnet20.
+the CLI's retry): the CLI itself, its trainer building `tests.helpers.tiny_model` for the
+resnet20 its flags name (`run_cli(..., tiny=True)`).
 """
 import dataclasses
 import errno
@@ -124,7 +125,7 @@ def test_failed_start_does_not_block_the_corrected_command(tmp_path):
     assert bad.returncode != 0 and "/nope" in last_line(bad.stderr)
     os.makedirs(os.path.join(model_dir, "checkpoints"), exist_ok=True)  # what the old start left too
     run_cli("train", *FAST, "--epochs=1", "--steps_per_epoch=1", "--width_multiplier=0.25",
-            f"--model_dir={model_dir}")
+            f"--model_dir={model_dir}", tiny=True)
     assert rundir.read_json(os.path.join(model_dir, "checkpoints", "state.json"))["epochs_done"] == 1
 
 
@@ -290,7 +291,7 @@ def _train_cli(model_dir, *args, fault=None):
     return run_cli("train", *FAST, "--epochs=4", "--steps_per_epoch=1", "--width_multiplier=0.25",
                    "--notensorboard", "--deterministic", "--augment=cifar", "--mixup_alpha=0.2",
                    f"--model_dir={model_dir}", *args, env=env,
-                   check=fault is None)
+                   check=fault is None, tiny=True)
 
 
 def _learning_curves(model_dir):
@@ -328,7 +329,8 @@ def test_kills_at_each_fault_point_resume_exactly(tmp_path):
                         (("--resume",), "after_state:1")]:
         proc = _train_cli(model_dir, *args, fault=fault)
         assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    run_cli("train", f"--model_dir={model_dir}", "--resume", "--noexport", "--noreport")  # (not run flags)
+    run_cli("train", f"--model_dir={model_dir}", "--resume", "--noexport", "--noreport",  # (not run flags)
+            tiny=True)
     assert [r["epoch"] for r in rundir.read_metrics(model_dir)] == [1, 2, 3, 4]
     summary = rundir.read_json(os.path.join(model_dir, "summary.json"))
     assert summary["status"] == "completed" and summary["epochs_done"] == 4

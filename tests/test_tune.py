@@ -1,9 +1,12 @@
 """Hyperparameter search: `pipeline.tuning` in-process, `python -m pipeline.tune` end to end.
 
-Budgets are tiny (digits at 16x16, resnet20, 2-8 steps of 32 images, 1 epoch
-per trial): these tests check the search machinery, not the hyperparameters
-found. Random, hyperband and bayesian searches run in-process; the grid search
-runs through the CLI as a distributed search (a chief and a worker process).
+Budgets are tiny (digits at 16x16, 2-8 steps of 32 images, 1 epoch per trial):
+these tests check the search machinery, not the hyperparameters found, so the
+trials that train build `tests.helpers.tiny_model` for the resnet20 their
+configs name (`trainer.build_model` replaced; in the CLI, `run_cli(..., tiny=True)`).
+The tests of what a trial builds use the registry's models. Random, hyperband and
+bayesian searches run in-process; the grid search runs through the CLI as a
+distributed search (a chief and a worker process).
 """
 import csv
 import dataclasses
@@ -11,7 +14,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 
 import keras
@@ -25,7 +27,7 @@ from pipeline.tuning import runner
 from pipeline.tuning import space as search_space
 from pipeline.training import trainer
 from pipeline.models import create_model
-from tests.helpers import REPO, free_ports, last_line, run_cli
+from tests.helpers import REPO, cli_command, free_ports, last_line, run_cli, tiny_build_model
 
 # Command-line twin of BASE below.
 TUNE_FLAGS = ["--dataset=digits", "--model=resnet20", "--batch_size=32", "--augment=none", "--image_size=16",
@@ -75,10 +77,12 @@ def searches(tmp_path_factory):
     """A 2-trial search per in-process tuner over the narrowed space (grid: `distributed_grid`)."""
     space = search_space.make_search_space(BASE, **NARROW)
     out = {}
-    for kind in ("random", "hyperband", "bayesian"):
-        tune_dir = str(tmp_path_factory.mktemp(kind))
-        result = runner.search(BASE, space, tune_dir, tuner=kind, max_trials=2, initial_random_trials=1)
-        out[kind] = result
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trainer, "build_model", tiny_build_model)
+        for kind in ("random", "hyperband", "bayesian"):
+            tune_dir = str(tmp_path_factory.mktemp(kind))
+            result = runner.search(BASE, space, tune_dir, tuner=kind, max_trials=2, initial_random_trials=1)
+            out[kind] = result
     keras.mixed_precision.set_global_policy("float32")
     return out
 
@@ -228,6 +232,7 @@ def test_rerun_resumes_the_search(searches, tmp_path, monkeypatch):
         return real_train(run, **kwargs)
 
     monkeypatch.setattr(trainer, "train", counting_train)
+    monkeypatch.setattr(trainer, "build_model", tiny_build_model)  # as the searches' trials
     before = {t: os.path.getmtime(os.path.join(tune_dir, "trials", t, "metrics.csv")) for t in ("0", "1")}
     # max_trials 2 -> 3: only one new trial runs; it is interrupted mid-way.
     with pytest.raises(KeyboardInterrupt):
@@ -253,7 +258,8 @@ def test_rerun_resumes_the_search(searches, tmp_path, monkeypatch):
         runner.search(BASE, space, tune_dir, tuner="bayesian", max_trials=3)
 
 
-def test_early_stopping_ends_a_trial_on_a_plateau(tmp_path):
+def test_early_stopping_ends_a_trial_on_a_plateau(tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer, "build_model", tiny_build_model)
     # A learning rate of 1e-7 leaves the weights where they are: val_accuracy plateaus at once.
     base = dataclasses.replace(BASE, train=dataclasses.replace(
         BASE.train, epochs=4, steps_per_epoch=1, optimizer=cfg.OptimizerConfig("sgd", 1e-7)))
@@ -313,9 +319,9 @@ def distributed_grid(tmp_path_factory):
     """A 2-trial grid search by a chief (oracle server) and one worker, separate processes on 127.0.0.1."""
     tmp = tmp_path_factory.mktemp("distributed")
     tune_dir = str(tmp / "grid")
-    cmd = [sys.executable, "-m", "pipeline.tune", *GRID_FLAGS, "--tuner=grid", "--max_trials=2",
-           "--tune=optimizer,learning_rate", "--optimizer_choices=sgd,adam", "--learning_rate_range=0.01,0.1",
-           f"--tune_dir={tune_dir}"]
+    cmd = cli_command("tune", *GRID_FLAGS, "--tuner=grid", "--max_trials=2", "--tune=optimizer,learning_rate",
+                      "--optimizer_choices=sgd,adam", "--learning_rate_range=0.01,0.1", f"--tune_dir={tune_dir}",
+                      tiny=True)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "KERASTUNER_ORACLE_IP": "127.0.0.1",
            "KERASTUNER_ORACLE_PORT": str(free_ports(1)[0])}
     logs = {role: open(tmp / f"{role}.log", "w+") for role in ("chief", "tuner0")}
@@ -383,7 +389,8 @@ def test_best_cfg_retrains_to_the_reported_score(distributed_grid, tmp_path):
     text = open(os.path.join(tune_dir, "best.cfg")).read()
     assert f"Best trial {best['trial_id']}" in text and "python -m pipeline.train --flagfile" in text
     retrain = str(tmp_path / "retrain")
-    run_cli("train", f"--flagfile={tune_dir}/best.cfg", f"--model_dir={retrain}", "--noexport", "--noreport")
+    run_cli("train", f"--flagfile={tune_dir}/best.cfg", f"--model_dir={retrain}", "--noexport", "--noreport",
+            tiny=True)  # the trials' model
     assert without(config_of(retrain), "model_dir") == without(config_of(best["run_dir"]), "model_dir")
     # Same seed, data order and op determinism (--deterministic) make the retrain repeat the
     # trial; the tolerance is one of the 180 validation images.
