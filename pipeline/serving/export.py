@@ -42,7 +42,6 @@ from typing import Optional, Sequence
 
 import pipeline
 from pipeline import errors, rundir
-from pipeline.models.inference import inference_model
 from pipeline.serving import head
 from pipeline.serving.head import compute_policy  # noqa: F401 - part of this module's API (tests, reports)
 from pipeline.serving.staging import (
@@ -265,6 +264,8 @@ def export_model(model, labels: Sequence[str], export_root: str, name: str,
     labels = _check_labels(model, labels)
     _check_name(name)
     height, width = _image_size(model, image_size)
+    from pipeline.models.inference import inference_model  # here: the verbs' --help imports no TensorFlow
+
     model = inference_model(model)  # BiT: standardized kernels as constants, not recomputed per request
     model_root = os.path.join(export_root, name)
     pinned = version is not None
