@@ -264,9 +264,8 @@ def export_model(model, labels: Sequence[str], export_root: str, name: str,
     labels = _check_labels(model, labels)
     _check_name(name)
     height, width = _image_size(model, image_size)
-    from pipeline.models.inference import (
-        inference_model,  # here: the verbs' --help imports no TensorFlow
-    )
+    # Imported here, so that the verbs' --help imports no TensorFlow.
+    from pipeline.models.inference import inference_model
 
     model = inference_model(model)  # BiT: standardized kernels as constants, not recomputed per request
     model_root = os.path.join(export_root, name)
