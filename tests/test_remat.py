@@ -80,3 +80,17 @@ def test_the_memory_forecast_names_a_batch_that_fits():
     assert "--batch_size=16 fits" in line and "--accumulation_steps=8" in line and "--remat" in line
     # 16 images need 4000/128*16 = 500 MiB (+15%), inside the 1000 MiB that were free; 32 would not fit
     assert 4000 / 128 * 16 * memory.HEADROOM < 1000 < 4000 / 128 * 32 * memory.HEADROOM
+
+
+def test_release_free_heap_gives_freed_heap_memory_back():
+    """What the training loop calls before each execution: freed malloc memory leaves the process (glibc)."""
+    import platform
+    if platform.libc_ver()[0] != "glibc":
+        pytest.fail("this machine's C library is not glibc: the test's premise is gone")
+    chunks = [np.ones(1000) for _ in range(30000)]  # ~240 MB of 8 KB blocks in malloc's heap
+    keep = np.ones(1000)  # allocated above them: glibc cannot shrink the heap top by itself
+    del chunks
+    before = memory.rss_bytes()
+    assert memory.release_free_heap() is True
+    assert before - memory.rss_bytes() > 100 * memory.MIB
+    del keep

@@ -60,7 +60,8 @@ def release_free_heap() -> bool:
     freed into malloc's heaps (~85 MB for BiT-R50x1) cannot be reused by the
     pool and stays resident beside it until glibc trims it, which it rarely
     does on its own. The training loop calls this before each execution:
-    -69 MB at the BiT step's peak (BENCHMARKS.md); it costs well under a millisecond
+    -69 MB at the BiT step's peak (BENCHMARKS.md). It costs well under a millisecond once
+    little is free.
     """
     trim = _glibc_malloc_trim()
     return bool(trim is not None and trim(0) in (0, 1))
