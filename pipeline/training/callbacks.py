@@ -17,7 +17,6 @@ import os
 import time
 
 import keras
-import numpy as np
 
 from pipeline import rundir
 
@@ -93,8 +92,7 @@ def weights_finite(model) -> bool:
     Checked where the weights live, one boolean per weight and one read back,
     instead of copying every weight out to NumPy (BiT-R50x1: 0.09 against 0.12 s).
     """
-    flags = [keras.ops.all(keras.ops.isfinite(w)) for w in model.weights
-             if np.issubdtype(np.dtype(keras.backend.standardize_dtype(w.dtype)), np.floating)]
+    flags = [keras.ops.all(keras.ops.isfinite(w)) for w in model.weights if keras.backend.is_float_dtype(w.dtype)]
     return bool(keras.ops.all(keras.ops.stack(flags))) if flags else True
 
 

@@ -139,7 +139,7 @@ def training_mode_note(model: keras.Model, image_size: int) -> str:
     types, so it also covers custom sublayers and SavedModel layers.
     """
     extractor = feature_extractor(model)
-    images = keras.random.uniform((1, image_size, image_size, 3), seed=0)  # eager: ~0.5 s per BiT-R50 call
+    images = keras.random.uniform((1, image_size, image_size, 3), seed=0)  # eager calls: ~1 s each for a ResNet-50-sized backbone
     inference = np.asarray(extractor(images, training=False))
     training = np.asarray(extractor(images, training=True))
     # Relative to the features' own scale (randomly initialized backbones give features of ~1e-6).
