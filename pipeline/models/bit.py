@@ -135,8 +135,8 @@ class StandardizedConv2D(keras.layers.Conv2D):
         return keras.layers.Conv2D.from_config(config)
 
     def inference_weights(self) -> list:
-        """`plain_layer`'s weights: the standardized kernel (float32), then the bias if any."""
-        return [np.asarray(self.standardized_kernel())] + ([np.asarray(self.bias)] if self.use_bias else [])
+        """`plain_layer`'s weights as tensors: the standardized kernel (float32), then the bias if any."""
+        return [self.standardized_kernel()] + ([ops.convert_to_tensor(self.bias)] if self.use_bias else [])
 
 
 # --------------------------------------------------------------------------- architecture
