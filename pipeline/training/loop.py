@@ -145,6 +145,14 @@ class Loop:
             return None
         return self.strategy.experimental_distribute_dataset(dataset)
 
+    def epoch_variables(self):
+        """Every variable an epoch of this phase changes, when known to be few; None here (all may change).
+
+        What `callbacks.RunCheckpoint.defer_commits` keeps in memory between
+        commits (`feature_cache.CachedFeatureRunner` knows its head's).
+        """
+        return None
+
     def set_optimizer(self, optimizer) -> None:
         """Use `optimizer` from now on (a phase start: new optimizer or trainable set).
 

@@ -236,6 +236,7 @@ def _one_line_faults(job: _Job, checkpoint, record_interrupted):
     except errors.RunInterrupted:
         raise
     except KeyboardInterrupt:
+        checkpoint.flush()  # the epochs finished since the last commit (deferred commits) are kept
         record_interrupted()
         raise errors.RunInterrupted(f"interrupted after epoch {checkpoint.state['epochs_done']}; "
                                     f"resume with: {resume}") from None
@@ -369,6 +370,8 @@ def _run_phases(job: _Job, runner, model, budget: phases.StepBudget, callbacks, 
                 checkpoint.ema.resume(rundir.committed_checkpoint(job.run.model_dir, "last"))
             restore = False
             runner.set_optimizer(model.optimizer)
+            # A head on cached features: commit once a minute (and at the phase's end), not every 0.2 s epoch.
+            checkpoint.defer_commits(runner.epoch_variables() if job.role.num_workers == 1 else None)
             if not begun:
                 started()
                 callback_list.on_train_begin()
@@ -379,6 +382,7 @@ def _run_phases(job: _Job, runner, model, budget: phases.StepBudget, callbacks, 
                                           validation_steps=loop_lib.steps_of(val_ds))
                 if model.stop_training:
                     break
+            checkpoint.flush()  # the phase's deferred epochs, before the next phase changes the optimizer
             model.optimizer.finalize_variable_values(model.trainable_variables)
             if checkpoint.diverged_at or model.stop_training:
                 break
