@@ -7,7 +7,6 @@ without deferral: the same best and last epochs, the same weights in
 best.keras and last.keras, and after a kill the resumed run repeats the lost
 epochs exactly.
 """
-import dataclasses
 import os
 import signal
 
