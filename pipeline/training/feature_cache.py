@@ -192,10 +192,23 @@ def _padded(batches: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
     return batches.map(pad)
 
 
+def _without_autotune(ds: tf.data.Dataset) -> tf.data.Dataset:
+    """`ds` with tf.data's autotuning off (its AUTOTUNE maps then run one call per core).
+
+    Why: with autotuning, the iterator of a pass over the digits split stalled
+    for 4-6 s at its end in 3 of 5 runs (TensorFlow 2.21, this 2-core CPU;
+    the pass itself takes 10-15 s), and in none of 5 without. A pass is one
+    long convolution-bound loop whose input is cheap: there is nothing to tune.
+    """
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.with_options(options)
+
+
 def compute_features(step, strategy, batches: tf.data.Dataset, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """(features float32 [N, D], labels [N]) of `(image, label)` batches of at most `batch_size`, in order."""
     features, labels = [], []
-    for x, y, valid in strategy.experimental_distribute_dataset(_padded(batches, batch_size)):
+    for x, y, valid in strategy.experimental_distribute_dataset(_without_autotune(_padded(batches, batch_size))):
         f, label, keep = (t.numpy() for t in step(x, y, valid))
         features.append(f[keep == 1])
         labels.append(label[keep == 1])
