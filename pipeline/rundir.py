@@ -16,6 +16,8 @@ leaves a half-written checkpoint or summary behind. An epoch commits in one
 step: its checkpoint is written under its own name first, then state.json is
 replaced naming it (`commit_epoch`), so a kill at any instant leaves the
 previous epoch or the next, never a mix. Files get the process umask's mode.
+A phase that trains a head on cached features commits less often
+(`callbacks.RunCheckpoint.defer_commits`); what it commits is the same.
 """
 from __future__ import annotations
 

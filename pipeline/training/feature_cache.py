@@ -6,7 +6,8 @@ every image in every epoch, although only the head ("logits") learns. When
 every batch is a pure function of the images (`--augment=none`, or
 `--feature_views=K` precomputed augmented views), the pooled features (the
 "pool" layer's output) are computed once, batched, under the run's precision
-and strategy, and the head trains on them: the same Dense layer object, the
+and strategy (by `inference.inference_model`'s copy: BiT's standardized
+kernels as constants, the same features bit for bit), and the head trains on them: the same Dense layer object, the
 same optimizer and schedule (the phase's compiled `model.optimizer`), the same
 callbacks, so metrics.csv, checkpoints and the summary read as before. The
 features of epoch `e` are ordered exactly as `TrainingStream.epoch(e)` orders
@@ -31,7 +32,8 @@ one image unless the model's spec declares `frozen_is_inference`).
 
 Trainer hook: `cached_runner(...)` wraps the run's `loop.Loop`; it behaves as
 the Loop except that `train_epoch` in a frozen phase trains the head on the
-features.
+features, and `epoch_variables` names what such an epoch changes (the head
+and its optimizer), so the run commits those epochs once a minute.
 """
 from __future__ import annotations
 
