@@ -25,24 +25,28 @@ def _head_weights(filename):
     return keras.saving.load_model(filename).get_layer("logits").get_weights()
 
 
-def _model():
+def _deferring(tmp_path, every_seconds):
+    """(run directory, a one-layer model with an SGD optimizer, its RunCheckpoint deferring its commits)."""
+    model_dir = str(tmp_path / "run")
+    rundir.prepare(model_dir, resume=False).release()
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="logits")])
     model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss="mse")
     model.optimizer.build(model.trainable_variables)
-    return model
+    checkpoint = cbs.RunCheckpoint(model_dir)
+    checkpoint.set_model(model)
+    checkpoint.defer_commits(model.trainable_variables + model.optimizer.variables, every_seconds=every_seconds)
+    return model_dir, model, checkpoint
+
+
+def _state(model_dir):
+    return rundir.read_json(rundir.path(model_dir, rundir.CHECKPOINT_DIR, rundir.STATE_FILE))
 
 
 def test_flush_writes_the_best_and_the_last_deferred_epoch_and_leaves_the_model_as_it_was(tmp_path):
-    model_dir = str(tmp_path / "run")
-    rundir.prepare(model_dir, resume=False).release()
-    model = _model()
-    checkpoint = cbs.RunCheckpoint(model_dir)
-    checkpoint.set_model(model)
-    checkpoint.defer_commits(model.trainable_variables + model.optimizer.variables, every_seconds=3600)
+    model_dir, model, checkpoint = _deferring(tmp_path, every_seconds=3600)
     kernel = model.get_layer("logits").kernel
     checkpoint.on_epoch_end(0, {"loss": 1.0, "accuracy": 0.1, "val_accuracy": 0.1})  # a run's 1st: committed
-    state_file = rundir.path(model_dir, rundir.CHECKPOINT_DIR, rundir.STATE_FILE)
-    first = rundir.read_json(state_file)
+    first = _state(model_dir)
     assert first["epochs_done"] == 1 and first["last_checkpoint"] == "epoch-0001.keras"
     seen = {}
     for epoch, accuracy in enumerate((0.5, 0.9, 0.7), start=1):  # the best epoch (3) is not the last (4)
@@ -50,11 +54,11 @@ def test_flush_writes_the_best_and_the_last_deferred_epoch_and_leaves_the_model_
         model.optimizer.iterations.assign(10 * (epoch + 1))
         checkpoint.on_epoch_end(epoch, {"loss": 1.0, "accuracy": accuracy, "val_accuracy": accuracy})
         seen[epoch + 1] = model.get_layer("logits").get_weights()
-    assert rundir.read_json(state_file) == first  # deferred: nothing written but the metrics rows
+    assert _state(model_dir) == first  # deferred: nothing written but the metrics rows
     assert [r["epoch"] for r in rundir.read_metrics(model_dir)] == [1, 2, 3, 4]
     kernel.assign(np.full(kernel.shape, -7.0, "f4"))  # a Ctrl-C in epoch 5, halfway
     checkpoint.flush()
-    state = rundir.read_json(state_file)
+    state = _state(model_dir)
     assert (state["epochs_done"], state["best_epoch"], state["best_value"]) == (4, 3, 0.9)
     assert (state["last_checkpoint"], state["best_checkpoint"]) == ("epoch-0004.keras", "epoch-0003.keras")
     for which, epoch in (("best", 3), ("last", 4)):
@@ -64,19 +68,16 @@ def test_flush_writes_the_best_and_the_last_deferred_epoch_and_leaves_the_model_
     assert int(last.optimizer.iterations) == 40
     assert float(np.asarray(kernel).max()) == -7.0  # the model goes on from where it was
     checkpoint.flush()  # nothing pending: no second write
-    assert rundir.read_json(state_file) == state
+    assert _state(model_dir) == state
 
 
 def test_an_elapsed_interval_commits_the_epoch_itself(tmp_path):
-    model_dir = str(tmp_path / "run")
-    rundir.prepare(model_dir, resume=False).release()
-    model = _model()
-    checkpoint = cbs.RunCheckpoint(model_dir)
-    checkpoint.set_model(model)
-    checkpoint.defer_commits(model.trainable_variables + model.optimizer.variables, every_seconds=0)
-    checkpoint.on_epoch_end(0, {"loss": 1.0, "val_accuracy": 0.5})
-    state = rundir.read_json(rundir.path(model_dir, rundir.CHECKPOINT_DIR, rundir.STATE_FILE))
-    assert state["epochs_done"] == 1 and state["last_checkpoint"] == "epoch-0001.keras"
+    model_dir, _, checkpoint = _deferring(tmp_path, every_seconds=0)
+    for epoch in range(2):  # the first is committed as a run's first; the second because the interval passed
+        checkpoint.on_epoch_end(epoch, {"loss": 1.0, "val_accuracy": 0.5})
+        state = _state(model_dir)
+        assert state["epochs_done"] == epoch + 1
+        assert state["last_checkpoint"] == f"epoch-{epoch + 1:04d}.keras"
 
 
 @pytest.fixture(scope="module")
