@@ -159,3 +159,23 @@ def test_a_kill_between_deferred_commits_repeats_the_lost_epochs_exactly(tmp_pat
     last = keras.saving.load_model(rundir.checkpoint_file(killed, "last"))
     steps = int(keras.saving.load_model(rundir.checkpoint_file(whole, "last")).optimizer.iterations)
     assert int(last.optimizer.iterations) == steps > 0
+
+
+def test_a_commit_after_a_deferred_best_writes_that_best_too(tmp_path, monkeypatch):
+    """The interval ends in a worse epoch: the best deferred epoch before it gets its own file, named best."""
+    clock = [0.0]
+    monkeypatch.setattr(cbs.time, "monotonic", lambda: clock[0])
+    model_dir, model, checkpoint = _deferring(tmp_path, every_seconds=60)
+    kernel = model.get_layer("logits").kernel
+    seen = {}
+    for epoch, (accuracy, now) in enumerate(((0.1, 1), (0.9, 2), (0.5, 100))):  # 1st; deferred best; interval
+        clock[0] = float(now)
+        kernel.assign(np.full(kernel.shape, float(epoch + 1), "f4"))
+        checkpoint.on_epoch_end(epoch, {"loss": 1.0, "val_accuracy": accuracy})
+        seen[epoch + 1] = model.get_layer("logits").get_weights()
+    state = _state(model_dir)
+    assert (state["epochs_done"], state["best_epoch"]) == (3, 2)
+    assert (state["last_checkpoint"], state["best_checkpoint"]) == ("epoch-0003.keras", "epoch-0002.keras")
+    for which, epoch in (("best", 2), ("last", 3)):
+        for saved, expected in zip(_head_weights(rundir.checkpoint_file(model_dir, which)), seen[epoch]):
+            np.testing.assert_array_equal(saved, expected)

@@ -194,6 +194,8 @@ class RunCheckpoint(keras.callbacks.Callback):
         filename = rundir.epoch_checkpoint(self.model_dir, number)
         if self.ema is not None:
             self.ema.write_raw(filename)
+        if not improved:
+            self._write_pending_best(state, number)  # a deferred epoch before this one was the best
         rundir.save_model_atomic(self.model, filename)
         rundir.fault_point("after_checkpoint")
         state["last_checkpoint"] = os.path.basename(filename)
@@ -207,21 +209,29 @@ class RunCheckpoint(keras.callbacks.Callback):
         if self._pending is None:
             return
         number, state, values = self._pending
+        name = os.path.basename(rundir.epoch_checkpoint(self.model_dir, number))
+        state = dict(state, last_checkpoint=name)
+        if state.get("best_epoch") == number:
+            state["best_checkpoint"] = name
         current = [keras.ops.convert_to_numpy(v) for v in self._deferred_variables]
-        state = dict(state, last_checkpoint=os.path.basename(rundir.epoch_checkpoint(self.model_dir, number)))
-        best = self._pending_best
-        if best is not None and best[0] == state.get("best_epoch"):
-            state["best_checkpoint"] = os.path.basename(rundir.epoch_checkpoint(self.model_dir, best[0]))
-            if best[0] != number:
-                self._save_values(best[0], best[1])
-        self._save_values(number, values)
-        self._assign(current)  # Ctrl-C mid-epoch: the model goes on as it was
-        self._commit(state)
-
-    def _save_values(self, number: int, values) -> None:
+        self._write_pending_best(state, number)
         self._assign(values)
         rundir.save_model_atomic(self.model, rundir.epoch_checkpoint(self.model_dir, number))
         rundir.fault_point("after_checkpoint")
+        self._assign(current)  # Ctrl-C mid-epoch: the model goes on as it was
+        self._commit(state)
+
+    def _write_pending_best(self, state: dict, number: int) -> None:
+        """The best deferred epoch's own checkpoint (named in `state`), when it is the best and not `number`."""
+        best = self._pending_best
+        if best is None or best[0] != state.get("best_epoch") or best[0] == number:
+            return
+        current = [keras.ops.convert_to_numpy(v) for v in self._deferred_variables]
+        filename = rundir.epoch_checkpoint(self.model_dir, best[0])
+        self._assign(best[1])
+        rundir.save_model_atomic(self.model, filename)
+        self._assign(current)
+        state["best_checkpoint"] = os.path.basename(filename)
 
     def _assign(self, values) -> None:
         for variable, value in zip(self._deferred_variables, values):

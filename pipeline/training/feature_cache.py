@@ -7,9 +7,10 @@ every batch is a pure function of the images (`--augment=none`, or
 `--feature_views=K` precomputed augmented views), the pooled features (the
 "pool" layer's output) are computed once, batched, under the run's precision
 and strategy (by `inference.inference_model`'s copy: BiT's standardized
-kernels as constants, the same features bit for bit), and the head trains on them: the same Dense layer object, the
-same optimizer and schedule (the phase's compiled `model.optimizer`), the same
-callbacks, so metrics.csv, checkpoints and the summary read as before. The
+kernels as constants, the same features bit for bit), and the head trains on
+them: the same Dense layer object, the same optimizer and schedule (the
+phase's compiled `model.optimizer`), the same callbacks, so metrics.csv,
+checkpoints and the summary read as before. The
 features of epoch `e` are ordered exactly as `TrainingStream.epoch(e)` orders
 the images (the same shuffle seed and buffer over the same number of
 elements), so with `--augment=none` the head sees the same batches in the same
