@@ -209,29 +209,28 @@ class RunCheckpoint(keras.callbacks.Callback):
         if self._pending is None:
             return
         number, state, values = self._pending
-        name = os.path.basename(rundir.epoch_checkpoint(self.model_dir, number))
-        state = dict(state, last_checkpoint=name)
-        if state.get("best_epoch") == number:
-            state["best_checkpoint"] = name
-        current = [keras.ops.convert_to_numpy(v) for v in self._deferred_variables]
+        state = dict(state)
         self._write_pending_best(state, number)
-        self._assign(values)
-        rundir.save_model_atomic(self.model, rundir.epoch_checkpoint(self.model_dir, number))
+        state["last_checkpoint"] = self._save_kept(number, values)  # after a Ctrl-C mid-epoch too
+        if state.get("best_epoch") == number:
+            state["best_checkpoint"] = state["last_checkpoint"]
         rundir.fault_point("after_checkpoint")
-        self._assign(current)  # Ctrl-C mid-epoch: the model goes on as it was
         self._commit(state)
 
     def _write_pending_best(self, state: dict, number: int) -> None:
         """The best deferred epoch's own checkpoint (named in `state`), when it is the best and not `number`."""
         best = self._pending_best
-        if best is None or best[0] != state.get("best_epoch") or best[0] == number:
-            return
+        if best is not None and best[0] == state.get("best_epoch") and best[0] != number:
+            state["best_checkpoint"] = self._save_kept(*best)
+
+    def _save_kept(self, number: int, values) -> str:
+        """Epoch `number`'s checkpoint from its kept `values` (its name); the model's own values are put back."""
         current = [keras.ops.convert_to_numpy(v) for v in self._deferred_variables]
-        filename = rundir.epoch_checkpoint(self.model_dir, best[0])
-        self._assign(best[1])
+        filename = rundir.epoch_checkpoint(self.model_dir, number)
+        self._assign(values)
         rundir.save_model_atomic(self.model, filename)
         self._assign(current)
-        state["best_checkpoint"] = os.path.basename(filename)
+        return os.path.basename(filename)
 
     def _assign(self, values) -> None:
         for variable, value in zip(self._deferred_variables, values):
