@@ -194,8 +194,7 @@ class RunCheckpoint(keras.callbacks.Callback):
         filename = rundir.epoch_checkpoint(self.model_dir, number)
         if self.ema is not None:
             self.ema.write_raw(filename)
-        if not improved:
-            self._write_pending_best(state, number)  # a deferred epoch before this one was the best
+        self._write_pending_best(state, number)  # a deferred epoch before this one was the best
         rundir.save_model_atomic(self.model, filename)
         rundir.fault_point("after_checkpoint")
         state["last_checkpoint"] = os.path.basename(filename)
